@@ -1,0 +1,128 @@
+//! The five plugin kinds.
+//!
+//! Trainable kinds (encoder, decoder) are implemented on a burn `Module` through a typed trait
+//! (`EncoderModule`, `DecoderModule`); blanket impls erase them into `dyn Encoder` /
+//! `dyn Decoder`, which the runtime drives and trains through [`Trainable`].
+
+use burn::module::AutodiffModule;
+use burn::tensor::Tensor;
+
+use crate::geometry::PatchGeometry;
+use crate::mask::{Mask, MaskPlan};
+use crate::rng::Rng;
+use crate::trainable::Trainable;
+use crate::B;
+
+/// Chooses which patches are visible.
+pub trait Masker: Send + Sync {
+    /// A plan for `batch` images of this geometry. Must be a function of `rng` only.
+    fn sample(&self, geometry: &PatchGeometry, batch: usize, rng: &mut Rng) -> MaskPlan;
+}
+
+/// What an encoder returns.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// `[B, T, D]`: `prefix` class tokens followed by the encoded patch tokens (only the visible
+    /// ones when the encoder drops masked patches, in `ids_keep` order).
+    pub tokens: Tensor<B, 3>,
+    /// `[B, D]`: the pooled feature (class token or mean of patch tokens), after the final norm.
+    pub pooled: Tensor<B, 2>,
+    /// Number of class tokens at the start of `tokens`.
+    pub prefix: usize,
+}
+
+/// How an encoder treats hidden patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskMode {
+    /// Hidden patches are removed from the sequence (MAE).
+    Drop,
+    /// Hidden patches are replaced by a learned mask token (SimMIM, BEiT).
+    MaskToken,
+}
+
+/// Typed encoder contract, implemented on a burn module.
+pub trait EncoderModule: AutodiffModule<B> + 'static {
+    /// `images`: `[B, C, H, W]`. `mask: None` encodes every patch (evaluation).
+    fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput;
+    /// Feature width `D`.
+    fn dim(&self) -> usize;
+    fn mask_mode(&self) -> MaskMode;
+    /// Parameters that exist but are not trained (fixed position embeddings).
+    fn fixed_params(&self) -> usize {
+        0
+    }
+}
+
+/// Object-safe encoder, implemented for every [`EncoderModule`].
+pub trait Encoder: Trainable {
+    fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput;
+    fn dim(&self) -> usize;
+    fn mask_mode(&self) -> MaskMode;
+    fn fixed_params(&self) -> usize;
+}
+
+impl<M: EncoderModule> Encoder for M {
+    fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput {
+        EncoderModule::forward(self, images, mask)
+    }
+    fn dim(&self) -> usize {
+        EncoderModule::dim(self)
+    }
+    fn mask_mode(&self) -> MaskMode {
+        EncoderModule::mask_mode(self)
+    }
+    fn fixed_params(&self) -> usize {
+        EncoderModule::fixed_params(self)
+    }
+}
+
+/// Typed decoder contract: encoder output + mask -> one prediction per patch.
+pub trait DecoderModule: AutodiffModule<B> + 'static {
+    /// Returns `[B, N, out_dim]` for all `N` patches, in patch order.
+    fn forward(&self, encoded: &EncoderOutput, mask: &Mask) -> Tensor<B, 3>;
+    fn out_dim(&self) -> usize;
+    /// The encoder input mode this decoder expects.
+    fn accepts(&self, mode: MaskMode) -> bool;
+    fn fixed_params(&self) -> usize {
+        0
+    }
+}
+
+/// Object-safe decoder, implemented for every [`DecoderModule`].
+pub trait Decoder: Trainable {
+    fn forward(&self, encoded: &EncoderOutput, mask: &Mask) -> Tensor<B, 3>;
+    fn out_dim(&self) -> usize;
+    fn accepts(&self, mode: MaskMode) -> bool;
+    fn fixed_params(&self) -> usize;
+}
+
+impl<M: DecoderModule> Decoder for M {
+    fn forward(&self, encoded: &EncoderOutput, mask: &Mask) -> Tensor<B, 3> {
+        DecoderModule::forward(self, encoded, mask)
+    }
+    fn out_dim(&self) -> usize {
+        DecoderModule::out_dim(self)
+    }
+    fn accepts(&self, mode: MaskMode) -> bool {
+        DecoderModule::accepts(self, mode)
+    }
+    fn fixed_params(&self) -> usize {
+        DecoderModule::fixed_params(self)
+    }
+}
+
+/// What to predict and how to score it.
+pub trait Target: Send + Sync {
+    /// Width of one patch's prediction.
+    fn pred_dim(&self) -> usize;
+    /// `images`: `[B, C, H, W]`; `pred`: `[B, N, pred_dim]`. Returns a scalar `[1]`.
+    fn loss(&self, images: &Tensor<B, 4>, pred: Tensor<B, 3>, mask: &Mask) -> Tensor<B, 1>;
+    /// The per-patch target for `images` (`[B, N, pred_dim]`), for visualisation and tests.
+    fn target(&self, images: &Tensor<B, 4>) -> Tensor<B, 3>;
+}
+
+/// An extra loss term on the encoder's features (Eq. 10: weighted and added to the target loss).
+pub trait Regularizer: Send + Sync {
+    /// Returns a scalar `[1]`, unweighted.
+    fn loss(&self, encoded: &EncoderOutput) -> Tensor<B, 1>;
+}

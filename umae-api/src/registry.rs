@@ -1,0 +1,170 @@
+//! The plugin registry, filled at link time through `inventory`.
+
+use std::fmt;
+
+use crate::components::{Decoder, Encoder, Masker, Regularizer, Target};
+use crate::de::DeError;
+use crate::geometry::PatchGeometry;
+use crate::params::FieldDoc;
+use crate::value::Node;
+use crate::Device;
+
+/// The five plugin kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PluginKind {
+    Masker,
+    Encoder,
+    Decoder,
+    Target,
+    Regularizer,
+}
+
+impl PluginKind {
+    pub const ALL: [PluginKind; 5] = [
+        PluginKind::Masker,
+        PluginKind::Encoder,
+        PluginKind::Decoder,
+        PluginKind::Target,
+        PluginKind::Regularizer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PluginKind::Masker => "masker",
+            PluginKind::Encoder => "encoder",
+            PluginKind::Decoder => "decoder",
+            PluginKind::Target => "target",
+            PluginKind::Regularizer => "regularizer",
+        }
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a builder knows about the model being assembled.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    pub geometry: PatchGeometry,
+    pub device: Device,
+    /// The encoder's feature width (0 until the encoder is built).
+    pub encoder_dim: usize,
+    /// The target's prediction width per patch (0 until the target is built).
+    pub target_dim: usize,
+    pub seed: u64,
+}
+
+/// Why a plugin could not be built.
+#[derive(Debug)]
+pub enum PluginError {
+    /// A parameter could not be read (unknown field, wrong type).
+    Params(DeError),
+    /// The parameters were read but make no sense together or with the context.
+    Invalid(String),
+}
+
+impl From<DeError> for PluginError {
+    fn from(e: DeError) -> Self {
+        PluginError::Params(e)
+    }
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginError::Params(e) => write!(f, "{e}"),
+            PluginError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+pub type BuildResult<T> = Result<Box<T>, PluginError>;
+
+/// A kind-specific constructor from a parameter node.
+#[derive(Clone, Copy)]
+pub enum Builder {
+    Masker(fn(&Node, &BuildContext) -> BuildResult<dyn Masker>),
+    Encoder(fn(&Node, &BuildContext) -> BuildResult<dyn Encoder>),
+    Decoder(fn(&Node, &BuildContext) -> BuildResult<dyn Decoder>),
+    Target(fn(&Node, &BuildContext) -> BuildResult<dyn Target>),
+    Regularizer(fn(&Node, &BuildContext) -> BuildResult<dyn Regularizer>),
+}
+
+impl Builder {
+    pub fn kind(&self) -> PluginKind {
+        match self {
+            Builder::Masker(_) => PluginKind::Masker,
+            Builder::Encoder(_) => PluginKind::Encoder,
+            Builder::Decoder(_) => PluginKind::Decoder,
+            Builder::Target(_) => PluginKind::Target,
+            Builder::Regularizer(_) => PluginKind::Regularizer,
+        }
+    }
+}
+
+/// One registered plugin.
+pub struct Plugin {
+    pub name: &'static str,
+    /// One line: what it is and where it comes from.
+    pub doc: &'static str,
+    pub params: fn() -> Vec<FieldDoc>,
+    pub build: Builder,
+}
+
+impl Plugin {
+    pub fn kind(&self) -> PluginKind {
+        self.build.kind()
+    }
+}
+
+inventory::collect!(Plugin);
+
+/// Every plugin linked into this program, sorted by kind and name.
+pub fn plugins() -> Vec<&'static Plugin> {
+    let mut v: Vec<&'static Plugin> = inventory::iter::<Plugin>.into_iter().collect();
+    v.sort_by_key(|p| (p.kind(), p.name));
+    v
+}
+
+/// The plugin of this kind and name.
+pub fn find(kind: PluginKind, name: &str) -> Option<&'static Plugin> {
+    inventory::iter::<Plugin>
+        .into_iter()
+        .find(|p| p.kind() == kind && p.name == name)
+}
+
+/// Names of all plugins of a kind.
+pub fn names(kind: PluginKind) -> Vec<&'static str> {
+    plugins().into_iter().filter(|p| p.kind() == kind).map(|p| p.name).collect()
+}
+
+/// Registers a plugin in one line:
+/// `umae_api::register!(Regularizer, "uniformity", UniformityParams, build, "doc line");`
+///
+/// `build` is `fn(&Params, &BuildContext) -> Result<T, PluginError>` where `T` implements the
+/// kind's trait (for encoders and decoders: `EncoderModule` / `DecoderModule`).
+#[macro_export]
+macro_rules! register {
+    ($kind:ident, $name:literal, $params:ty, $build:path, $doc:literal) => {
+        const _: () = {
+            fn __umae_build(
+                node: &$crate::value::Node,
+                ctx: &$crate::BuildContext,
+            ) -> $crate::BuildResult<dyn $crate::$kind> {
+                let params = <$params as $crate::Params>::from_node(node)?;
+                Ok(::std::boxed::Box::new($build(&params, ctx)?))
+            }
+            $crate::inventory::submit! {
+                $crate::Plugin {
+                    name: $name,
+                    doc: $doc,
+                    params: <$params as $crate::Params>::fields,
+                    build: $crate::Builder::$kind(__umae_build),
+                }
+            }
+        };
+    };
+}
