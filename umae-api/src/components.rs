@@ -47,6 +47,8 @@ pub trait EncoderModule: AutodiffModule<B> + 'static {
     /// Feature width `D`.
     fn dim(&self) -> usize;
     fn mask_mode(&self) -> MaskMode;
+    /// How the encoder cuts images into patches.
+    fn geometry(&self) -> PatchGeometry;
     /// Parameters that exist but are not trained (fixed position embeddings).
     fn fixed_params(&self) -> usize {
         0
@@ -58,10 +60,14 @@ pub trait Encoder: Trainable {
     fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput;
     fn dim(&self) -> usize;
     fn mask_mode(&self) -> MaskMode;
+    fn geometry(&self) -> PatchGeometry;
     fn fixed_params(&self) -> usize;
 }
 
 impl<M: EncoderModule> Encoder for M {
+    fn geometry(&self) -> PatchGeometry {
+        EncoderModule::geometry(self)
+    }
     fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput {
         EncoderModule::forward(self, images, mask)
     }

@@ -48,7 +48,12 @@ impl fmt::Display for PluginKind {
 /// What a builder knows about the model being assembled.
 #[derive(Debug, Clone)]
 pub struct BuildContext {
-    pub geometry: PatchGeometry,
+    /// Input images: channels, height, width.
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// The encoder's patch geometry (`None` while the encoder itself is being built).
+    pub geometry: Option<PatchGeometry>,
     pub device: Device,
     /// The encoder's feature width (0 until the encoder is built).
     pub encoder_dim: usize,
@@ -78,6 +83,15 @@ impl fmt::Display for PluginError {
             PluginError::Params(e) => write!(f, "{e}"),
             PluginError::Invalid(m) => f.write_str(m),
         }
+    }
+}
+
+impl BuildContext {
+    /// The patch geometry, for plugins built after the encoder.
+    pub fn geometry(&self) -> Result<PatchGeometry, PluginError> {
+        self.geometry.ok_or_else(|| {
+            PluginError::Invalid("the patch geometry is not known before the encoder is built".into())
+        })
     }
 }
 

@@ -1,1 +1,159 @@
+//! The `pixels` target: predict each hidden patch's pixels (MAE, SimMIM).
 
+use umae_api::burn::tensor::Tensor;
+use umae_api::serde::{Deserialize, Serialize};
+use umae_api::{BuildContext, Mask, PatchGeometry, PluginError, Target, B};
+
+/// Per-element loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "umae_api::serde")]
+pub enum Loss {
+    /// Squared error (MAE).
+    Mse,
+    /// Absolute error (SimMIM).
+    L1,
+}
+
+umae_api::params! {
+    /// Parameters of the `pixels` target.
+    pub struct PixelsParams {
+        /// Normalise each target patch by its own mean and variance (MAE's norm_pix_loss).
+        pub norm_pix: bool = true,
+        /// Mse or L1.
+        pub loss: Loss = Loss::Mse,
+    }
+}
+
+/// Pixel reconstruction target over hidden patches.
+#[derive(Debug, Clone)]
+pub struct Pixels {
+    pub geometry: PatchGeometry,
+    pub norm_pix: bool,
+    pub loss: Loss,
+}
+
+/// `[B, C, H, W]` -> `[B, N, p*p*C]`, each patch flattened in (row, column, channel) order
+/// as MAE's `patchify`.
+pub fn patchify_hwc(images: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
+    let [b, c, h, w] = images.dims();
+    let (gh, gw) = (h / p, w / p);
+    images
+        .reshape([b, c, gh, p, gw, p])
+        .permute([0, 2, 4, 3, 5, 1])
+        .reshape([b, gh * gw, p * p * c])
+}
+
+/// Inverse of [`patchify_hwc`].
+pub fn unpatchify_hwc(patches: Tensor<B, 3>, g: &PatchGeometry) -> Tensor<B, 4> {
+    let b = patches.dims()[0];
+    let (gh, gw) = g.grid();
+    let (p, c) = (g.patch, g.channels);
+    patches
+        .reshape([b, gh, gw, p, p, c])
+        .permute([0, 5, 1, 3, 2, 4])
+        .reshape([b, c, gh * p, gw * p])
+}
+
+impl Target for Pixels {
+    fn pred_dim(&self) -> usize {
+        self.geometry.patch_dim()
+    }
+
+    fn target(&self, images: &Tensor<B, 4>) -> Tensor<B, 3> {
+        let t = patchify_hwc(images.clone(), self.geometry.patch);
+        if !self.norm_pix {
+            return t;
+        }
+        let mean = t.clone().mean_dim(2);
+        let centered = t - mean;
+        // Unbiased variance, as torch.var in MAE.
+        let n = self.geometry.patch_dim() as f64;
+        let var = centered.clone().powf_scalar(2.0).sum_dim(2) / (n - 1.0).max(1.0);
+        centered / (var + 1e-6).sqrt()
+    }
+
+    fn loss(&self, images: &Tensor<B, 4>, pred: Tensor<B, 3>, mask: &Mask) -> Tensor<B, 1> {
+        let target = self.target(images).detach();
+        let diff = pred - target;
+        let per_elem = match self.loss {
+            Loss::Mse => diff.powf_scalar(2.0),
+            Loss::L1 => diff.abs(),
+        };
+        let [b, n, _] = per_elem.dims();
+        let per_patch = per_elem.mean_dim(2).reshape([b, n]);
+        let hidden = mask.hidden.clone();
+        (per_patch * hidden.clone()).sum() / hidden.sum().clamp_min(1.0)
+    }
+}
+
+fn build(p: &PixelsParams, ctx: &BuildContext) -> Result<Pixels, PluginError> {
+    Ok(Pixels { geometry: ctx.geometry()?, norm_pix: p.norm_pix, loss: p.loss })
+}
+
+umae_api::register!(
+    Target,
+    "pixels",
+    PixelsParams,
+    build,
+    "Pixels of hidden patches, optionally normalised per patch; MSE (MAE) or L1 (SimMIM)"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umae_api::burn::prelude::ElementConversion;
+    use umae_api::burn::tensor::{Distribution, TensorData};
+    use umae_api::{Device, MaskPlan};
+
+    fn device() -> Device {
+        umae_api::burn::DispatchDevice::Flex(Default::default())
+    }
+
+    #[test]
+    fn patchify_round_trips_and_orders_channels_last() {
+        let d = device();
+        let g = PatchGeometry::new(2, 4, 4, 2).unwrap();
+        let x = Tensor::<B, 4>::random([3, 2, 4, 4], Distribution::Default, &d);
+        let p = patchify_hwc(x.clone(), 2);
+        assert_eq!(p.dims(), [3, 4, 8]);
+        let back = unpatchify_hwc(p.clone(), &g);
+        back.into_data().assert_approx_eq::<f32>(&x.clone().into_data(), Default::default());
+        // patch 1 (row 0, col 1), element (r=1, c=0, ch=1) = x[0, 1, 1, 2]
+        let v: Vec<f32> = p.slice([0..1, 1..2]).into_data().to_vec().unwrap();
+        let want: Vec<f32> = x.slice([0..1, 1..2, 1..2, 2..3]).into_data().to_vec().unwrap();
+        assert_eq!(v[(2 + 0) * 2 + 1], want[0]);
+    }
+
+    #[test]
+    fn loss_averages_hidden_patches_only() {
+        let d = device();
+        let g = PatchGeometry::new(1, 2, 4, 2).unwrap();
+        let t = Pixels { geometry: g, norm_pix: false, loss: Loss::Mse };
+        let images = Tensor::<B, 4>::zeros([1, 1, 2, 4], &d);
+        // Patch 0 predicted 1 everywhere (error 1), patch 1 predicted 3 (error 9).
+        let pred = Tensor::<B, 3>::from_data(TensorData::new(vec![1.0f32, 1., 1., 1., 3., 3., 3., 3.], [1, 2, 4]), &d);
+        let only_second = MaskPlan::from_flags(&[vec![false, true]]).unwrap().to_device(&d);
+        let l: f32 = t.loss(&images, pred.clone(), &only_second).into_scalar().elem();
+        assert!((l - 9.0).abs() < 1e-6, "{l}");
+        let both = MaskPlan::from_flags(&[vec![true, true]]).unwrap().to_device(&d);
+        let l: f32 = t.loss(&images, pred.clone(), &both).into_scalar().elem();
+        assert!((l - 5.0).abs() < 1e-6, "{l}");
+        let l1 = Pixels { loss: Loss::L1, ..t };
+        let l: f32 = l1.loss(&images, pred, &both).into_scalar().elem();
+        assert!((l - 2.0).abs() < 1e-6, "{l}");
+    }
+
+    #[test]
+    fn norm_pix_standardises_each_patch() {
+        let d = device();
+        let g = PatchGeometry::new(1, 2, 2, 2).unwrap();
+        let t = Pixels { geometry: g, norm_pix: true, loss: Loss::Mse };
+        let x = Tensor::<B, 4>::from_data(TensorData::new(vec![1.0f32, 2., 3., 4.], [1, 1, 2, 2]), &d);
+        let v: Vec<f32> = t.target(&x).into_data().to_vec().unwrap();
+        // mean 2.5, unbiased var 5/3
+        let s = (5.0f32 / 3.0 + 1e-6).sqrt();
+        for (a, b) in v.iter().zip([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]) {
+            assert!((a - b).abs() < 1e-5, "{v:?}");
+        }
+    }
+}

@@ -1,1 +1,222 @@
+//! The `vit` encoder: a Vision Transformer that reads images through a patch grid, in MAE's
+//! drop mode (only visible patches are encoded) or with a learned mask token (SimMIM, BEiT).
 
+pub mod nn;
+
+use umae_api::burn;
+use umae_api::burn::module::{Module, Param};
+use umae_api::burn::nn::{LayerNorm, Linear};
+use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
+use umae_api::serde::{Deserialize, Serialize};
+use umae_api::{
+    BuildContext, EncoderModule, EncoderOutput, Mask, MaskMode, PatchGeometry, PluginError, B,
+};
+
+use nn::{gather_tokens, layer_norm, linear, linear3, patchify_chw, sincos_2d, Block};
+
+/// Standard ViT sizes (dim, depth, heads), as in timm and MAE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "umae_api::serde")]
+pub enum Preset {
+    /// 192-d, 12 blocks, 3 heads.
+    Tiny,
+    /// 384-d, 12 blocks, 6 heads.
+    Small,
+    /// 768-d, 12 blocks, 12 heads.
+    Base,
+    /// 1024-d, 24 blocks, 16 heads.
+    Large,
+    /// 1280-d, 32 blocks, 16 heads.
+    Huge,
+}
+
+impl Preset {
+    pub fn sizes(self) -> (usize, usize, usize) {
+        match self {
+            Preset::Tiny => (192, 12, 3),
+            Preset::Small => (384, 12, 6),
+            Preset::Base => (768, 12, 12),
+            Preset::Large => (1024, 24, 16),
+            Preset::Huge => (1280, 32, 16),
+        }
+    }
+}
+
+/// The pooled feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "umae_api::serde")]
+pub enum Pool {
+    /// The class token.
+    Cls,
+    /// The mean of the patch tokens.
+    Mean,
+}
+
+/// How hidden patches enter the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "umae_api::serde")]
+pub enum InputMode {
+    /// Hidden patches are dropped (MAE).
+    Drop,
+    /// Hidden patches are replaced by a learned mask token (SimMIM, BEiT).
+    MaskToken,
+}
+
+umae_api::params! {
+    /// Parameters of the `vit` encoder.
+    pub struct VitParams {
+        /// Size preset (Tiny, Small, Base, Large, Huge); `dim`, `depth`, `heads` override it.
+        pub preset: Preset = Preset::Base,
+        /// Token width (overrides the preset).
+        pub dim: Option<usize> = None,
+        /// Number of blocks (overrides the preset).
+        pub depth: Option<usize> = None,
+        /// Attention heads (overrides the preset).
+        pub heads: Option<usize> = None,
+        /// Patch side in pixels; the image size must be a multiple.
+        pub patch: usize = 16,
+        /// MLP hidden width as a multiple of `dim`.
+        pub mlp_ratio: f64 = 4.0,
+        /// Pooled feature: Cls or Mean.
+        pub pool: Pool = Pool::Cls,
+        /// Drop (MAE) or MaskToken (SimMIM/BEiT).
+        pub mask_mode: InputMode = InputMode::Drop,
+    }
+}
+
+/// Vision Transformer encoder.
+#[derive(Module, Debug, Clone)]
+pub struct Vit {
+    /// The patch embedding: a Linear on (channel, row, column)-flattened patches, equal to a
+    /// strided convolution with kernel = stride = patch.
+    pub patch_embed: Linear<B>,
+    /// Class token, `[dim]`.
+    pub cls_token: Param<Tensor<B, 1>>,
+    /// Learned mask token, `[dim]` (only in MaskToken mode).
+    pub mask_token: Option<Param<Tensor<B, 1>>>,
+    /// Fixed sin-cos position embedding `[1 + N, dim]` (a constant: not trained, not saved).
+    pub pos_embed: Tensor<B, 2>,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm<B>,
+    #[module(skip)]
+    pub geometry: PatchGeometry,
+    #[module(skip)]
+    pub dim: usize,
+    #[module(skip)]
+    pub pool: Pool,
+    #[module(skip)]
+    pub mode: InputMode,
+}
+
+impl Vit {
+    pub fn new(p: &VitParams, ctx: &BuildContext) -> Result<Self, PluginError> {
+        let (mut dim, mut depth, mut heads) = p.preset.sizes();
+        dim = p.dim.unwrap_or(dim);
+        depth = p.depth.unwrap_or(depth);
+        heads = p.heads.unwrap_or(heads);
+        if dim == 0 || depth == 0 || heads == 0 || dim % heads != 0 {
+            return Err(PluginError::Invalid(format!(
+                "dim {dim} must be positive and divisible by heads {heads}, depth {depth} positive"
+            )));
+        }
+        if dim % 4 != 0 {
+            return Err(PluginError::Invalid(format!(
+                "dim {dim} must be divisible by 4 for the 2-D sin-cos position embedding"
+            )));
+        }
+        if !(p.mlp_ratio > 0.0 && p.mlp_ratio.is_finite()) {
+            return Err(PluginError::Invalid(format!("mlp_ratio must be > 0, found {}", p.mlp_ratio)));
+        }
+        let geometry = PatchGeometry::new(ctx.channels, ctx.height, ctx.width, p.patch)
+            .map_err(PluginError::Invalid)?;
+        let device = &ctx.device;
+        let (gh, gw) = geometry.grid();
+        let n = geometry.num_patches();
+        let pos = sincos_2d(dim, gh, gw, 1);
+        let token = |device| Param::from_tensor(Tensor::random([dim], Distribution::Normal(0.0, 0.02), device));
+        Ok(Vit {
+            patch_embed: linear(geometry.patch_dim(), dim, device),
+            cls_token: token(device),
+            mask_token: (p.mask_mode == InputMode::MaskToken).then(|| token(device)),
+            pos_embed: Tensor::from_data(TensorData::new(pos, [1 + n, dim]), device),
+            blocks: (0..depth).map(|_| Block::new(dim, heads, p.mlp_ratio, device)).collect(),
+            norm: layer_norm(dim, device),
+            geometry,
+            dim,
+            pool: p.pool,
+            mode: p.mask_mode,
+        })
+    }
+
+    /// Patch tokens with position embedding, `[B, N, D]`; hidden patches replaced by the mask
+    /// token in MaskToken mode.
+    fn embed(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> Tensor<B, 3> {
+        let x = linear3(&self.patch_embed, patchify_chw(images, self.geometry.patch));
+        let [b, n, d] = x.dims();
+        let x = match (mask, &self.mask_token) {
+            (Some(m), Some(token)) if self.mode == InputMode::MaskToken => {
+                let w = m.hidden.clone().reshape([b, n, 1]);
+                let t = token.val().reshape([1, 1, d]);
+                x * (w.clone().neg() + 1.0) + t * w
+            }
+            _ => x,
+        };
+        x + self.pos_embed.clone().slice([1..1 + n]).reshape([1, n, d])
+    }
+}
+
+impl EncoderModule for Vit {
+    fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput {
+        let b = images.dims()[0];
+        let mut x = self.embed(images, mask);
+        if let (Some(m), InputMode::Drop) = (mask, self.mode) {
+            x = gather_tokens(x, m.ids_keep.clone());
+        }
+        let d = self.dim;
+        let cls = (self.cls_token.val().reshape([1, d]) + self.pos_embed.clone().slice([0..1]))
+            .reshape([1, 1, d])
+            .expand([b, 1, d]);
+        let mut x = Tensor::cat(vec![cls, x], 1);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        let x = self.norm.forward(x);
+        let t = x.dims()[1];
+        let pooled = match self.pool {
+            Pool::Cls => x.clone().slice([0..b, 0..1]).reshape([b, d]),
+            Pool::Mean => x.clone().slice([0..b, 1..t]).mean_dim(1).reshape([b, d]),
+        };
+        EncoderOutput { tokens: x, pooled, prefix: 1 }
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn mask_mode(&self) -> MaskMode {
+        match self.mode {
+            InputMode::Drop => MaskMode::Drop,
+            InputMode::MaskToken => MaskMode::MaskToken,
+        }
+    }
+
+    fn geometry(&self) -> PatchGeometry {
+        self.geometry
+    }
+
+    fn fixed_params(&self) -> usize {
+        self.pos_embed.shape().num_elements()
+    }
+}
+
+fn build(p: &VitParams, ctx: &BuildContext) -> Result<Vit, PluginError> {
+    Vit::new(p, ctx)
+}
+
+umae_api::register!(
+    Encoder,
+    "vit",
+    VitParams,
+    build,
+    "Vision Transformer (Dosovitskiy et al. 2021) with fixed 2-D sin-cos positions, as in MAE"
+);

@@ -1,0 +1,164 @@
+//! Transformer building blocks shared by encoders and decoders.
+//!
+//! Every Linear runs on a 2-D `[B*T, C]` view: burn 0.21's Linear backward on 3-D input
+//! materialises a `[B, C_in, C_out]` tensor, which costs more than twice the time.
+
+use umae_api::burn;
+use umae_api::burn::module::{Module, Param};
+use umae_api::burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use umae_api::burn::tensor::activation::{gelu, softmax};
+use umae_api::burn::tensor::{Distribution, Tensor};
+use umae_api::{Device, B};
+
+/// Linear layer with MAE's initialisation: Xavier-uniform weight, zero bias.
+pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear<B> {
+    let a = (6.0 / (d_in + d_out) as f64).sqrt();
+    Linear {
+        weight: Param::from_tensor(Tensor::random([d_in, d_out], Distribution::Uniform(-a, a), device)),
+        bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))),
+    }
+}
+
+/// LayerNorm with MAE's epsilon (1e-6).
+pub fn layer_norm(d: usize, device: &Device) -> LayerNorm<B> {
+    LayerNormConfig::new(d).with_epsilon(1e-6).init(device)
+}
+
+/// Apply a Linear to `[B, T, C]` through a 2-D view.
+pub fn linear3(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, c] = x.dims();
+    let y = layer.forward(x.reshape([b * t, c]));
+    let out = y.dims()[1];
+    y.reshape([b, t, out])
+}
+
+/// Multi-head self-attention with one fused qkv projection (the layout of timm and MAE).
+#[derive(Module, Debug, Clone)]
+pub struct Attention {
+    pub qkv: Linear<B>,
+    pub proj: Linear<B>,
+    #[module(skip)]
+    pub heads: usize,
+}
+
+impl Attention {
+    pub fn new(dim: usize, heads: usize, device: &Device) -> Self {
+        Attention { qkv: linear(dim, 3 * dim, device), proj: linear(dim, dim, device), heads }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let h = self.heads;
+        let hd = d / h;
+        let qkv = self
+            .qkv
+            .forward(x.reshape([b * t, d]))
+            .reshape([b, t, 3, h, hd])
+            .permute([2, 0, 3, 1, 4]);
+        let mut parts = qkv.chunk(3, 0).into_iter().map(|p| p.reshape([b, h, t, hd]));
+        let (q, k, v) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let scale = (hd as f64).powf(-0.5);
+        let attn = softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3);
+        let out = attn.matmul(v).swap_dims(1, 2).reshape([b * t, d]);
+        self.proj.forward(out).reshape([b, t, d])
+    }
+}
+
+/// Two-layer MLP with exact GELU.
+#[derive(Module, Debug, Clone)]
+pub struct Mlp {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let y = gelu(self.fc1.forward(x.reshape([b * t, d])));
+        self.fc2.forward(y).reshape([b, t, d])
+    }
+}
+
+/// Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+#[derive(Module, Debug, Clone)]
+pub struct Block {
+    pub norm1: LayerNorm<B>,
+    pub attn: Attention,
+    pub norm2: LayerNorm<B>,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(dim: usize, heads: usize, mlp_ratio: f64, device: &Device) -> Self {
+        let hidden = (dim as f64 * mlp_ratio) as usize;
+        Block {
+            norm1: layer_norm(dim, device),
+            attn: Attention::new(dim, heads, device),
+            norm2: layer_norm(dim, device),
+            mlp: Mlp { fc1: linear(dim, hidden, device), fc2: linear(hidden, dim, device) },
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
+        x.clone() + self.mlp.forward(self.norm2.forward(x))
+    }
+}
+
+/// MAE's fixed 2-D sine-cosine position embedding for a `gh x gw` grid, with a zero row for
+/// each of `prefix` class tokens in front: `[prefix + gh*gw, dim]`, row-major over the grid.
+/// The first half of the channels encodes the column, the second half the row (as MAE).
+pub fn sincos_2d(dim: usize, gh: usize, gw: usize, prefix: usize) -> Vec<f32> {
+    assert!(dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4");
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
+    let mut out = vec![0.0f32; prefix * dim];
+    for r in 0..gh {
+        for c in 0..gw {
+            for pos in [c as f64, r as f64] {
+                out.extend(omega.iter().map(|w| (pos * w).sin() as f32));
+                out.extend(omega.iter().map(|w| (pos * w).cos() as f32));
+            }
+        }
+    }
+    out
+}
+
+/// Split `[B, C, H, W]` into `[B, N, C*p*p]` patches, each flattened in (channel, row, column)
+/// order: the layout of a strided convolution's weight `[D, C, p, p]`.
+pub fn patchify_chw(images: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
+    let [b, c, h, w] = images.dims();
+    let (gh, gw) = (h / p, w / p);
+    images
+        .reshape([b, c, gh, p, gw, p])
+        .permute([0, 2, 4, 1, 3, 5])
+        .reshape([b, gh * gw, c * p * p])
+}
+
+/// Gather rows of `[B, T, D]` at `ids: [B, K]` along T.
+pub fn gather_tokens(x: Tensor<B, 3>, ids: Tensor<B, 2, umae_api::burn::tensor::Int>) -> Tensor<B, 3> {
+    let d = x.dims()[2];
+    let [b, k] = ids.dims();
+    let idx = ids.reshape([b, k, 1]).expand([b, k, d]);
+    x.gather(1, idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sincos_matches_closed_form() {
+        let e = sincos_2d(8, 2, 3, 1);
+        assert_eq!(e.len(), (1 + 6) * 8);
+        assert!(e[..8].iter().all(|v| *v == 0.0));
+        // patch (row 1, col 2): channels [sin(2w), cos(2w), sin(1w), cos(1w)] with w = (1, 1e-2)
+        let row = &e[(1 + 5) * 8..(1 + 6) * 8];
+        let want = [2f64.sin(), 0.02f64.sin(), 2f64.cos(), 0.02f64.cos(), 1f64.sin(), 0.01f64.sin(), 1f64.cos(), 0.01f64.cos()];
+        for (a, b) in row.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{row:?}");
+        }
+    }
+}
