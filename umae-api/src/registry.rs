@@ -41,7 +41,7 @@ impl PluginKind {
 
 impl fmt::Display for PluginKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -125,6 +125,8 @@ pub struct Plugin {
     /// One line: what it is and where it comes from.
     pub doc: &'static str,
     pub params: fn() -> Vec<FieldDoc>,
+    /// Read the parameters without building anything (for fast recipe validation).
+    pub check: fn(&Node) -> Result<(), PluginError>,
     pub build: Builder,
 }
 
@@ -171,11 +173,16 @@ macro_rules! register {
                 let params = <$params as $crate::Params>::from_node(node)?;
                 Ok(::std::boxed::Box::new($build(&params, ctx)?))
             }
+            fn __umae_check(node: &$crate::value::Node) -> ::std::result::Result<(), $crate::PluginError> {
+                <$params as $crate::Params>::from_node(node)?;
+                Ok(())
+            }
             $crate::inventory::submit! {
                 $crate::Plugin {
                     name: $name,
                     doc: $doc,
                     params: <$params as $crate::Params>::fields,
+                    check: __umae_check,
                     build: $crate::Builder::$kind(__umae_build),
                 }
             }

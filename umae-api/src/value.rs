@@ -582,3 +582,99 @@ mod tests {
         assert!(base.set_path(&["l", "9"], v).is_err());
     }
 }
+
+impl Node {
+    /// Write the node back as RON text (used to save the resolved recipe beside a run).
+    pub fn to_ron(&self) -> String {
+        let mut out = String::new();
+        self.write(&mut out, 0);
+        out.push('\n');
+        out
+    }
+
+    fn write(&self, out: &mut String, indent: usize) {
+        let pad = |n: usize| "    ".repeat(n);
+        match &self.kind {
+            Kind::Bool(b) => out.push_str(&b.to_string()),
+            Kind::Int(i) => out.push_str(&i.to_string()),
+            Kind::Float(f) => {
+                if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e15 {
+                    out.push_str(&format!("{f:.1}"))
+                } else if f.is_nan() {
+                    out.push_str("NaN")
+                } else if f.is_infinite() {
+                    out.push_str(if *f > 0.0 { "inf" } else { "-inf" })
+                } else {
+                    out.push_str(&format!("{f:?}"))
+                }
+            }
+            Kind::Str(s) => out.push_str(&format!("{s:?}")),
+            Kind::Opt(None) => out.push_str("None"),
+            Kind::Opt(Some(n)) => {
+                out.push_str("Some(");
+                n.write(out, indent);
+                out.push(')');
+            }
+            Kind::Ident(s) => out.push_str(s),
+            Kind::Seq(items) | Kind::Tuple(_, items) => {
+                let (open, close) = if matches!(self.kind, Kind::Seq(_)) { ('[', ']') } else { ('(', ')') };
+                if let Kind::Tuple(Some(name), _) = &self.kind {
+                    out.push_str(name);
+                }
+                out.push(open);
+                for (i, n) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    n.write(out, indent);
+                }
+                out.push(close);
+            }
+            Kind::Struct(name, fields) => {
+                if let Some(name) = name {
+                    out.push_str(name);
+                }
+                if fields.is_empty() {
+                    out.push_str("()");
+                    return;
+                }
+                out.push_str("(\n");
+                for f in fields {
+                    out.push_str(&pad(indent + 1));
+                    out.push_str(&f.name);
+                    out.push_str(": ");
+                    f.value.write(out, indent + 1);
+                    out.push_str(",\n");
+                }
+                out.push_str(&pad(indent));
+                out.push(')');
+            }
+            Kind::Map(entries) => {
+                out.push('{');
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    k.write(out, indent);
+                    out.push_str(": ");
+                    v.write(out, indent);
+                }
+                out.push('}');
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod print_tests {
+    use super::*;
+
+    #[test]
+    fn to_ron_round_trips() {
+        let src = "Recipe(name: \"a\\\"b\", x: [1, 2.5, -3e-5], o: Some((k: Cls)), t: (1.0, true), n: None, e: ())";
+        let n = parse(src, "a").unwrap();
+        let again = parse(&n.to_ron(), "b").unwrap();
+        assert_eq!(n.to_ron(), again.to_ron());
+        assert_eq!(again.get("x").unwrap().to_ron().trim(), "[1, 2.5, -3e-5]");
+    }
+}

@@ -1,1 +1,16 @@
+//! The umae engine: devices, data pipeline, model assembly, optimizer and schedule, trainer,
+//! checkpoints, analyses and benchmarks. Plugins never depend on this crate.
 
+pub mod analysis;
+pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod model;
+pub mod optim;
+pub mod step;
+pub mod train;
+
+pub use device::parse_device;
+pub use model::{Model, Report};
+pub use train::{run, RunOptions, Summary};

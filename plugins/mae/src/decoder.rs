@@ -1,4 +1,5 @@
 use umae_api::burn;
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, Linear};
 use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
@@ -22,13 +23,13 @@ umae_api::params! {
 /// MAE's lightweight transformer decoder: embeds the visible tokens, inserts a shared mask
 /// token for every hidden patch, restores patch order, adds its own fixed positions, and
 /// predicts each patch's target.
-#[derive(Module, Debug, Clone)]
-pub struct MaeDecoder {
+#[derive(Module, Debug)]
+pub struct MaeDecoder<B: Backend> {
     pub embed: Linear<B>,
     pub mask_token: Param<Tensor<B, 1>>,
     /// Fixed sin-cos position embedding `[prefix + N, dim]`.
     pub pos_embed: Tensor<B, 2>,
-    pub blocks: Vec<Block>,
+    pub blocks: Vec<Block<B>>,
     pub norm: LayerNorm<B>,
     pub pred: Linear<B>,
     #[module(skip)]
@@ -37,7 +38,7 @@ pub struct MaeDecoder {
     pub out_dim: usize,
 }
 
-fn build(p: &MaeDecoderParams, ctx: &BuildContext) -> Result<MaeDecoder, PluginError> {
+fn build(p: &MaeDecoderParams, ctx: &BuildContext) -> Result<MaeDecoder<B>, PluginError> {
     let g = ctx.geometry()?;
     let (dim, heads) = (p.dim, p.heads);
     if dim == 0 || heads == 0 || dim % heads != 0 || dim % 4 != 0 {
@@ -63,7 +64,7 @@ fn build(p: &MaeDecoderParams, ctx: &BuildContext) -> Result<MaeDecoder, PluginE
     })
 }
 
-impl DecoderModule for MaeDecoder {
+impl DecoderModule for MaeDecoder<B> {
     fn forward(&self, encoded: &EncoderOutput, mask: &Mask) -> Tensor<B, 3> {
         let x = linear3(&self.embed, encoded.tokens.clone());
         let [b, t, d] = x.dims();

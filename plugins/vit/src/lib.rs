@@ -4,6 +4,7 @@
 pub mod nn;
 
 use umae_api::burn;
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, Linear};
 use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
@@ -85,8 +86,8 @@ umae_api::params! {
 }
 
 /// Vision Transformer encoder.
-#[derive(Module, Debug, Clone)]
-pub struct Vit {
+#[derive(Module, Debug)]
+pub struct Vit<B: Backend> {
     /// The patch embedding: a Linear on (channel, row, column)-flattened patches, equal to a
     /// strided convolution with kernel = stride = patch.
     pub patch_embed: Linear<B>,
@@ -96,7 +97,7 @@ pub struct Vit {
     pub mask_token: Option<Param<Tensor<B, 1>>>,
     /// Fixed sin-cos position embedding `[1 + N, dim]` (a constant: not trained, not saved).
     pub pos_embed: Tensor<B, 2>,
-    pub blocks: Vec<Block>,
+    pub blocks: Vec<Block<B>>,
     pub norm: LayerNorm<B>,
     #[module(skip)]
     pub geometry: PatchGeometry,
@@ -108,7 +109,7 @@ pub struct Vit {
     pub mode: InputMode,
 }
 
-impl Vit {
+impl Vit<B> {
     pub fn new(p: &VitParams, ctx: &BuildContext) -> Result<Self, PluginError> {
         let (mut dim, mut depth, mut heads) = p.preset.sizes();
         dim = p.dim.unwrap_or(dim);
@@ -165,7 +166,7 @@ impl Vit {
     }
 }
 
-impl EncoderModule for Vit {
+impl EncoderModule for Vit<B> {
     fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput {
         let b = images.dims()[0];
         let mut x = self.embed(images, mask);
@@ -209,7 +210,7 @@ impl EncoderModule for Vit {
     }
 }
 
-fn build(p: &VitParams, ctx: &BuildContext) -> Result<Vit, PluginError> {
+fn build(p: &VitParams, ctx: &BuildContext) -> Result<Vit<B>, PluginError> {
     Vit::new(p, ctx)
 }
 

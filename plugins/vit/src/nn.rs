@@ -4,6 +4,7 @@
 //! materialises a `[B, C_in, C_out]` tensor, which costs more than twice the time.
 
 use umae_api::burn;
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use umae_api::burn::tensor::activation::{gelu, softmax};
@@ -33,15 +34,15 @@ pub fn linear3(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
 }
 
 /// Multi-head self-attention with one fused qkv projection (the layout of timm and MAE).
-#[derive(Module, Debug, Clone)]
-pub struct Attention {
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
     pub qkv: Linear<B>,
     pub proj: Linear<B>,
     #[module(skip)]
     pub heads: usize,
 }
 
-impl Attention {
+impl Attention<B> {
     pub fn new(dim: usize, heads: usize, device: &Device) -> Self {
         Attention { qkv: linear(dim, 3 * dim, device), proj: linear(dim, dim, device), heads }
     }
@@ -65,13 +66,13 @@ impl Attention {
 }
 
 /// Two-layer MLP with exact GELU.
-#[derive(Module, Debug, Clone)]
-pub struct Mlp {
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
     pub fc1: Linear<B>,
     pub fc2: Linear<B>,
 }
 
-impl Mlp {
+impl Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let y = gelu(self.fc1.forward(x.reshape([b * t, d])));
@@ -80,15 +81,15 @@ impl Mlp {
 }
 
 /// Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
-#[derive(Module, Debug, Clone)]
-pub struct Block {
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
     pub norm1: LayerNorm<B>,
-    pub attn: Attention,
+    pub attn: Attention<B>,
     pub norm2: LayerNorm<B>,
-    pub mlp: Mlp,
+    pub mlp: Mlp<B>,
 }
 
-impl Block {
+impl Block<B> {
     pub fn new(dim: usize, heads: usize, mlp_ratio: f64, device: &Device) -> Self {
         let hidden = (dim as f64 * mlp_ratio) as usize;
         Block {

@@ -1,0 +1,215 @@
+//! Command-line interface.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use umae_api::recipe::Recipe;
+use umae_api::registry::{self, PluginKind};
+use umae_runtime::{bench, model::Model, parse_device, RunOptions};
+
+#[derive(Parser)]
+#[command(name = "umae", version, about = "Masked-image-modeling pretraining with swappable plugins (MAE, U-MAE, ...)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct RecipeArgs {
+    /// Recipe file (RON).
+    recipe: PathBuf,
+    /// Override a recipe field, e.g. `--set train.epochs=10` (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a recipe (or continue a stopped run with --resume RUN_DIR).
+    Run {
+        /// Recipe file (RON); not used with --resume.
+        #[arg(required_unless_present = "resume")]
+        recipe: Option<PathBuf>,
+        /// Override a recipe field, e.g. `--set train.epochs=10` (repeatable).
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
+        /// Run directory (default: runs/<recipe name>).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Continue the run in this directory from its latest checkpoint.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["recipe", "output"])]
+        resume: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or tch (default: the recipe's `device`, else cpu).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Validate a recipe and build its model: components, shapes and parameter counts.
+    Check {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every plugin with its parameters and defaults.
+    Plugins {
+        /// Only this kind (masker, encoder, decoder, target, regularizer).
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Time training steps on synthetic input of the recipe's shape.
+    Bench {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Images per step (default: the recipe's train.batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long)]
+        device: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Run the command line; returns the process exit code (0 ok, 1 failure, 2 bad input).
+pub fn main() -> ExitCode {
+    crate::builtin_plugins();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UMAE_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    /// Bad recipe, command line or data: the user must change something.
+    Input(String),
+    /// Failed while working.
+    Run(String),
+}
+
+fn load(path: &Path, sets: &[String]) -> Result<Recipe, Failure> {
+    Recipe::load(path, sets).map_err(|e| Failure::Input(e.to_string()))
+}
+
+fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api::Device, Failure> {
+    let name = flag.or(recipe.device.as_deref()).unwrap_or("cpu");
+    parse_device(name).map_err(Failure::Input)
+}
+
+fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Plugins { kind } => plugins(kind.as_deref()),
+        Command::Check { recipe, json } => {
+            let r = load(&recipe.recipe, &recipe.sets)?;
+            let device = parse_device("cpu").map_err(Failure::Input)?;
+            let model = Model::build(&r, &device).map_err(|e| Failure::Input(e.to_string()))?;
+            let report = model.report();
+            if json {
+                let mut v = serde_json::to_value(&report).map_err(|e| Failure::Run(e.to_string()))?;
+                v["trainable"] = report.trainable().into();
+                v["fixed"] = report.fixed().into();
+                println!("{v}");
+            } else {
+                println!("recipe   {} ({})", r.name, r.path.display());
+                print!("{report}");
+                println!("ok: effective batch {}, peak lr {:.3e}, {} epochs", r.effective_batch(), r.peak_lr(), r.train.epochs);
+            }
+            Ok(())
+        }
+        Command::Run { recipe, sets, output, resume, device } => {
+            let (r, run_dir, resume) = match resume {
+                Some(dir) => {
+                    let path = dir.join("recipe.ron");
+                    if !path.exists() {
+                        return Err(Failure::Input(format!("{} is not a run directory (no recipe.ron)", dir.display())));
+                    }
+                    (load(&path, &sets)?, dir, true)
+                }
+                None => {
+                    let r = load(recipe.as_deref().expect("clap requires a recipe"), &sets)?;
+                    let dir = output
+                        .or_else(|| r.output.dir.as_ref().map(PathBuf::from))
+                        .unwrap_or_else(|| PathBuf::from("runs").join(&r.name));
+                    (r, dir, false)
+                }
+            };
+            let device = device_for(device.as_deref(), &r)?;
+            let summary = umae_runtime::run(&r, &RunOptions { run_dir: run_dir.clone(), device, resume }).map_err(Failure::Run)?;
+            println!(
+                "done: {} epochs, {} steps, final target loss {:.4}{}{} -> {}",
+                summary.epochs,
+                summary.steps,
+                summary.last_target_loss,
+                summary.probe_accuracy.map(|a| format!(", online probe {:.2}%", a * 100.0)).unwrap_or_default(),
+                summary.erank.map(|e| format!(", erank {e:.2}")).unwrap_or_default(),
+                run_dir.display()
+            );
+            Ok(())
+        }
+        Command::Bench { recipe, batch, steps, warmup, device, json } => {
+            let r = load(&recipe.recipe, &recipe.sets)?;
+            let device = device_for(device.as_deref(), &r)?;
+            let batch = batch.unwrap_or(r.train.batch_size);
+            if batch == 0 || steps == 0 {
+                return Err(Failure::Input("--batch and --steps must be at least 1".into()));
+            }
+            let res = bench::bench(&r, &device, batch, steps, warmup).map_err(Failure::Run)?;
+            if json {
+                println!("{}", serde_json::to_string(&res).map_err(|e| Failure::Run(e.to_string()))?);
+            } else {
+                println!(
+                    "{}: batch {batch}, {steps} steps in {:.2}s: {:.1} images/s, {:.1} ms/step, peak memory {}",
+                    r.name,
+                    res.seconds,
+                    res.images_per_s,
+                    res.ms_per_step,
+                    res.peak_rss_mib.map(|m| format!("{m:.0} MiB (process RSS)")).unwrap_or("n/a".into())
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn plugins(kind: Option<&str>) -> Result<(), Failure> {
+    let only = match kind {
+        None => None,
+        Some(k) => Some(PluginKind::ALL.into_iter().find(|p| p.name() == k).ok_or_else(|| {
+            let names: Vec<&str> = PluginKind::ALL.iter().map(|k| k.name()).collect();
+            Failure::Input(format!(
+                "unknown plugin kind `{k}` (valid: {}){}",
+                names.join(", "),
+                umae_api::suggest::nearest(k, names.iter().copied()).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default()
+            ))
+        })?),
+    };
+    for p in registry::plugins() {
+        if only.is_some_and(|k| k != p.kind()) {
+            continue;
+        }
+        println!("{:<12} {:<14} {}", p.kind(), p.name, p.doc);
+        for f in (p.params)() {
+            let default = f.default.rsplit("::").next().unwrap_or(f.default);
+            println!("    {:<12} {:<16} = {:<14} {}", f.name, f.ty.replace(' ', ""), default, f.doc.trim());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! The `umae` command line, also usable as a library: a binary that links extra plugin crates
+//! and calls [`cli::main`] is umae plus those plugins.
+
+pub mod cli;
+
+/// Keep the built-in plugin crates linked, so that their registrations are present.
+pub fn builtin_plugins() -> [&'static str; 4] {
+    [
+        std::any::type_name::<umae_plugin_vit::Vit<umae_api::B>>(),
+        std::any::type_name::<umae_plugin_mae::RandomMasker>(),
+        std::any::type_name::<umae_plugin_pixels::Pixels>(),
+        std::any::type_name::<umae_plugin_uniformity::Uniformity>(),
+    ]
+}

@@ -1,0 +1,164 @@
+//! Checkpoints: weights and optimizer moments as safetensors, training position and RNG state
+//! as JSON. Each checkpoint is written to a temporary folder and renamed into place, and the
+//! `latest` pointer is replaced atomically, so an interrupted write never damages the last
+//! good checkpoint.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use umae_api::burn::tensor::{Tensor, TensorData};
+use umae_api::{Device, Inner, Rng, Trainable};
+
+/// A flat f32 tensor with its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn from_inner(t: Tensor<Inner, 1>, shape: &[usize]) -> Self {
+        let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 tensor data");
+        HostTensor { shape: shape.to_vec(), data }
+    }
+
+    pub fn to_inner(&self, device: &Device) -> Tensor<Inner, 1> {
+        Tensor::from_data(TensorData::new(self.data.clone(), [self.data.len()]), device)
+    }
+}
+
+/// Training position saved with a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The masking RNG.
+    pub rng: Rng,
+    pub umae_version: String,
+}
+
+pub fn write_safetensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> Result<(), String> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(k, b, s)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
+        .collect();
+    let out = safetensors::serialize(views, None).map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
+    fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>, String> {
+    let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{} is not a valid safetensors file: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(format!("{}: tensor `{name}` is {:?}, expected F32", path.display(), view.dtype()));
+        }
+        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+/// Every parameter of the components, keyed `prefix.path`.
+pub fn collect_params(modules: &[(&'static str, &dyn Trainable)]) -> HashMap<String, HostTensor> {
+    let mut out = HashMap::new();
+    for (prefix, m) in modules {
+        m.visit_params(&mut |info, t| {
+            out.insert(format!("{prefix}.{}", info.path), HostTensor::from_inner(t, info.shape));
+        });
+    }
+    out
+}
+
+/// Load parameters into the components; every parameter must be present with its shape.
+pub fn load_params(
+    modules: &mut [(&'static str, &mut dyn Trainable)],
+    tensors: &HashMap<String, HostTensor>,
+    device: &Device,
+    source: &Path,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (prefix, m) in modules.iter_mut() {
+        m.map_params(&mut |info, current| {
+            let k = format!("{prefix}.{}", info.path);
+            match tensors.get(&k) {
+                Some(t) if t.shape == info.shape => t.to_inner(device),
+                Some(t) => {
+                    problems.push(format!("`{k}` has shape {:?} in the file, the model needs {:?}", t.shape, info.shape));
+                    current
+                }
+                None => {
+                    problems.push(format!("`{k}` is missing"));
+                    current
+                }
+            }
+        });
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} does not fit this model ({} problem(s)): {}{}",
+            source.display(),
+            problems.len(),
+            problems.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+            if problems.len() > 5 { "; ..." } else { "" }
+        ))
+    }
+}
+
+/// Write `dir` atomically: fill `dir.tmp`, then rename.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| format!("cannot clear {}: {e}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    fill(&tmp)?;
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(|e| format!("cannot replace {}: {e}", dir.display()))?;
+    }
+    fs::rename(&tmp, dir).map_err(|e| format!("cannot move {} into place: {e}", dir.display()))
+}
+
+/// Replace a small text file atomically.
+pub fn write_file_atomic(path: &Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    fs::rename(&tmp, path).map_err(|e| format!("cannot move {} into place: {e}", path.display()))
+}
+
+/// The newest complete checkpoint of a run directory, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>, String> {
+    let pointer = run_dir.join("checkpoints").join("latest");
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = fs::read_to_string(&pointer).map_err(|e| format!("cannot read {}: {e}", pointer.display()))?;
+    let dir = run_dir.join("checkpoints").join(name.trim());
+    if !dir.join("state.json").exists() {
+        return Err(format!(
+            "{} points to {}, which is not a complete checkpoint",
+            pointer.display(),
+            dir.display()
+        ));
+    }
+    Ok(Some(dir))
+}
+
+pub fn read_state(dir: &Path) -> Result<State, String> {
+    let p = dir.join("state.json");
+    let text = fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} is damaged: {e}", p.display()))
+}

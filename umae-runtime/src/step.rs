@@ -1,0 +1,97 @@
+//! One training step, readable as the paper's Eq. (10):
+//! loss = target loss + sum_i lambda_i * regularizer_i (+ the online probe's cross-entropy,
+//! whose gradient never reaches the encoder).
+
+use umae_api::burn::nn::loss::CrossEntropyLossConfig;
+use umae_api::burn::tensor::{Int, Tensor, TensorData};
+use umae_api::{Device, EncoderOutput, Grads, Inner, Mask, B};
+
+use crate::model::Model;
+
+/// Running statistics of the probe's BatchNorm (no affine parameters).
+#[derive(Debug, Clone)]
+pub struct ProbeNorm {
+    pub mean: Tensor<Inner, 1>,
+    pub var: Tensor<Inner, 1>,
+}
+
+impl ProbeNorm {
+    pub fn new(dim: usize, device: &Device) -> Self {
+        ProbeNorm { mean: Tensor::zeros([dim], device), var: Tensor::ones([dim], device) }
+    }
+}
+
+/// Scalars of one pass, in the order of [`StepOutput::names`].
+pub struct StepOutput {
+    pub grads: Grads,
+    /// `[total, target, reg_0..reg_k (unweighted), probe_loss, probe_correct]`, not yet read.
+    pub scalars: Tensor<B, 1>,
+}
+
+/// Probe logits with BatchNorm (batch statistics in training, running ones otherwise).
+pub fn probe_logits(model: &Model, norm: &mut ProbeNorm, features: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+    let probe = model.probe.as_ref().expect("probe enabled");
+    let f = features.detach();
+    let [_, d] = f.dims();
+    let (mean, var) = if train {
+        let mean = f.clone().mean_dim(0);
+        let var = (f.clone() - mean.clone()).powf_scalar(2.0).mean_dim(0);
+        let m_in = mean.clone().inner().reshape([d]);
+        let v_in = var.clone().inner().reshape([d]);
+        norm.mean = norm.mean.clone() * 0.9 + m_in * 0.1;
+        norm.var = norm.var.clone() * 0.9 + v_in * 0.1;
+        (mean, var)
+    } else {
+        (
+            Tensor::<B, 1>::from_inner(norm.mean.clone()).reshape([1, d]),
+            Tensor::<B, 1>::from_inner(norm.var.clone()).reshape([1, d]),
+        )
+    };
+    probe.head.forward((f - mean) / (var + 1e-6).sqrt())
+}
+
+pub fn labels_tensor(labels: &[i64], device: &Device) -> Tensor<B, 1, Int> {
+    Tensor::from_data(TensorData::new(labels.to_vec(), [labels.len()]), device)
+}
+
+/// Forward and backward of one micro-batch. `scale` divides the loss (gradient accumulation).
+pub fn forward_backward(
+    model: &Model,
+    norm: Option<&mut ProbeNorm>,
+    images: Tensor<B, 4>,
+    labels: &[i64],
+    mask: &Mask,
+    scale: f64,
+) -> StepOutput {
+    let device = images.device();
+    let encoded: EncoderOutput = model.encoder.forward(images.clone(), Some(mask));
+    let pred = model.decoder.forward(&encoded, mask);
+    let target_loss = model.target.loss(&images, pred, mask);
+
+    let mut total = target_loss.clone();
+    let mut scalars = vec![target_loss];
+    for r in &model.regularizers {
+        let term = r.term.loss(&encoded);
+        total = total + term.clone() * r.weight;
+        scalars.push(term);
+    }
+    match (norm, &model.probe) {
+        (Some(norm), Some(_)) => {
+            let logits = probe_logits(model, norm, encoded.pooled.clone(), true);
+            let y = labels_tensor(labels, &device);
+            let ce = CrossEntropyLossConfig::new().init(&device).forward(logits.clone(), y.clone());
+            let correct = logits.argmax(1).reshape([labels.len()]).equal(y).float().sum();
+            total = total + ce.clone();
+            scalars.push(ce);
+            scalars.push(correct);
+        }
+        _ => {
+            scalars.push(Tensor::zeros([1], &device));
+            scalars.push(Tensor::zeros([1], &device));
+        }
+    }
+    scalars.insert(0, total.clone());
+    let scalars = Tensor::cat(scalars, 0).detach();
+    let grads = (total / scale).backward();
+    StepOutput { grads, scalars }
+}

@@ -1,0 +1,327 @@
+//! The trainer: epochs of accumulated AdamW steps, metrics, evaluation, checkpoints, resume.
+
+use std::fs::{self, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use umae_api::recipe::Recipe;
+use umae_api::{Device, Rng};
+
+use crate::analysis;
+use crate::checkpoint::{self, HostTensor, State};
+use crate::data::{self, Dataset, Loader, Pipeline, Split};
+use crate::model::{images_tensor, Model};
+use crate::optim::{learning_rate, AdamW};
+use crate::step::{forward_backward, probe_logits, ProbeNorm};
+
+/// How to run.
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    pub device: Device,
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub epochs: usize,
+    pub steps: u64,
+    pub last_target_loss: f64,
+    pub probe_accuracy: Option<f64>,
+    pub erank: Option<f64>,
+}
+
+struct Metrics {
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn write(&self, row: serde_json::Value) -> Result<(), String> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
+        writeln!(f, "{row}").map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+    }
+
+    /// Drop rows written after `step` (by a run that stopped before its next checkpoint).
+    fn truncate_after(&self, step: u64) -> Result<(), String> {
+        let Ok(text) = fs::read_to_string(&self.path) else { return Ok(()) };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        checkpoint::write_file_atomic(&self.path, &kept)
+    }
+}
+
+/// Features (pooled, without masking) and labels of up to `limit` images of a dataset.
+pub fn extract_features(model: &Model, pipeline: &Pipeline, limit: usize, batch: usize, device: &Device) -> Result<(Vec<f32>, Vec<i64>, usize), String> {
+    let n = limit.min(pipeline.dataset.len());
+    let mut feats = Vec::new();
+    let mut labels = Vec::new();
+    let mut dim = model.encoder.dim();
+    for b in Loader::start(pipeline, (0..n).collect(), batch, false, 0, 2) {
+        let b = b?;
+        let x = images_tensor(b.images, b.n, &model.geometry, device);
+        let out = model.encoder.forward(x, None);
+        dim = out.pooled.dims()[1];
+        feats.extend(out.pooled.detach().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"))?);
+        labels.extend(b.labels);
+    }
+    Ok((feats, labels, dim))
+}
+
+fn evaluate_probe(model: &Model, norm: &mut ProbeNorm, pipeline: &Pipeline, batch: usize, device: &Device) -> Result<f64, String> {
+    let mut correct = 0.0;
+    let mut total = 0usize;
+    for b in Loader::start(pipeline, (0..pipeline.dataset.len()).collect(), batch, false, 0, 2) {
+        let b = b?;
+        let x = images_tensor(b.images, b.n, &model.geometry, device);
+        let out = model.encoder.forward(x, None);
+        let logits = probe_logits(model, norm, out.pooled, false);
+        let y = crate::step::labels_tensor(&b.labels, device);
+        let c: f32 = logits.argmax(1).reshape([b.n]).equal(y).float().sum().into_scalar();
+        correct += c as f64;
+        total += b.n;
+    }
+    Ok(correct / total.max(1) as f64)
+}
+
+fn save_checkpoint(run_dir: &Path, model: &Model, norm: &Option<ProbeNorm>, opt: &AdamW, state: &State) -> Result<(), String> {
+    let name = format!("epoch-{:04}", state.epoch);
+    let dir = run_dir.join("checkpoints").join(&name);
+    checkpoint::write_dir_atomic(&dir, |tmp| {
+        let mut weights = checkpoint::collect_params(&model.trainables());
+        if let Some(n) = norm {
+            let d = n.mean.dims()[0];
+            weights.insert("probe_bn.mean".into(), HostTensor::from_inner(n.mean.clone(), &[d]));
+            weights.insert("probe_bn.var".into(), HostTensor::from_inner(n.var.clone(), &[d]));
+        }
+        checkpoint::write_safetensors(&tmp.join("model.safetensors"), &weights)?;
+        let mut moments = std::collections::HashMap::new();
+        for (k, t) in &opt.m {
+            let n = t.dims()[0];
+            moments.insert(format!("m.{k}"), HostTensor::from_inner(t.clone(), &[n]));
+        }
+        for (k, t) in &opt.v {
+            let n = t.dims()[0];
+            moments.insert(format!("v.{k}"), HostTensor::from_inner(t.clone(), &[n]));
+        }
+        checkpoint::write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+        let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
+        fs::write(tmp.join("state.json"), text).map_err(|e| format!("cannot write state.json: {e}"))
+    })?;
+    checkpoint::write_file_atomic(&run_dir.join("checkpoints").join("latest"), &name)
+}
+
+fn load_checkpoint(dir: &Path, model: &mut Model, norm: &mut Option<ProbeNorm>, opt: &mut AdamW, device: &Device) -> Result<State, String> {
+    let state = checkpoint::read_state(dir)?;
+    let weights = checkpoint::read_safetensors(&dir.join("model.safetensors"))?;
+    checkpoint::load_params(&mut model.trainables_mut(), &weights, device, &dir.join("model.safetensors"))?;
+    if let Some(n) = norm {
+        if let (Some(m), Some(v)) = (weights.get("probe_bn.mean"), weights.get("probe_bn.var")) {
+            n.mean = m.to_inner(device);
+            n.var = v.to_inner(device);
+        }
+    }
+    let moments = checkpoint::read_safetensors(&dir.join("optimizer.safetensors"))?;
+    for (k, t) in moments {
+        if let Some(key) = k.strip_prefix("m.") {
+            opt.m.insert(key.to_string(), t.to_inner(device));
+        } else if let Some(key) = k.strip_prefix("v.") {
+            opt.v.insert(key.to_string(), t.to_inner(device));
+        }
+    }
+    opt.step = state.step;
+    Ok(state)
+}
+
+/// Train a recipe into a run directory.
+pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
+    let device = &opts.device;
+    let run_dir = &opts.run_dir;
+    let existing = checkpoint::latest(run_dir)?;
+    if !opts.resume && (existing.is_some() || run_dir.join("metrics.jsonl").exists()) {
+        return Err(format!(
+            "{} already holds a run: continue it with `umae run --resume {}` or choose another --output",
+            run_dir.display(),
+            run_dir.display()
+        ));
+    }
+    fs::create_dir_all(run_dir.join("checkpoints")).map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    if !opts.resume {
+        checkpoint::write_file_atomic(&run_dir.join("recipe.ron"), &recipe.tree.to_ron())?;
+    }
+
+    let train_set: Arc<dyn Dataset> = data::open(&recipe.data, Split::Train, recipe.seed)?;
+    let needs_eval = recipe.eval.online_probe || recipe.eval.erank_samples > 0;
+    let eval_set = if needs_eval { Some(data::open(&recipe.data, Split::Eval, recipe.seed)?) } else { None };
+    let train_pipe = Pipeline::new(train_set.clone(), &recipe.data, true, recipe.seed);
+    let eval_pipe = eval_set.map(|d| Pipeline::new(d, &recipe.data, false, recipe.seed));
+
+    let mut model = Model::build(recipe, device).map_err(|e| e.to_string())?;
+    let mut opt = AdamW::new(recipe.optimizer.clone());
+    let mut norm = model.probe.as_ref().map(|_| ProbeNorm::new(model.encoder.dim(), device));
+    let metrics = Metrics { path: run_dir.join("metrics.jsonl") };
+
+    let mut state = State { epoch: 0, step: 0, rng: Rng::derive(recipe.seed, &[0x4D41_534B]), umae_version: env!("CARGO_PKG_VERSION").into() };
+    if opts.resume {
+        match &existing {
+            Some(dir) => {
+                state = load_checkpoint(dir, &mut model, &mut norm, &mut opt, device)?;
+                metrics.truncate_after(state.step)?;
+                tracing::info!("resuming {} after epoch {} (step {})", run_dir.display(), state.epoch, state.step);
+            }
+            None => {
+                return Err(format!("{} has no checkpoint to resume from: start it with `umae run` instead", run_dir.display()));
+            }
+        }
+    }
+
+    let batch = recipe.train.batch_size;
+    let accum = recipe.train.accum_steps;
+    let micro_per_epoch = train_set.len() / batch;
+    let steps_per_epoch = micro_per_epoch / accum;
+    if steps_per_epoch == 0 {
+        return Err(format!(
+            "the training set has {} images, fewer than one effective batch of {} (batch_size {} x accum_steps {}): lower train.batch_size or accum_steps",
+            train_set.len(), batch * accum, batch, accum
+        ));
+    }
+    let epochs = recipe.train.epochs;
+    let peak = recipe.peak_lr();
+    let names: Vec<String> = std::iter::once("loss".to_string())
+        .chain(std::iter::once(format!("target.{}", model.names[3])))
+        .chain(model.regularizers.iter().map(|r| format!("reg.{}", r.name)))
+        .chain(["probe.loss".to_string(), "probe.correct".to_string()])
+        .collect();
+    let tty = std::io::stderr().is_terminal();
+    let mut summary = Summary { epochs, steps: state.step, ..Default::default() };
+    tracing::info!(
+        "training {} for {epochs} epochs, {steps_per_epoch} steps/epoch, effective batch {}, peak lr {peak:.3e}",
+        recipe.name, batch * accum
+    );
+
+    for epoch in state.epoch..epochs {
+        let t0 = Instant::now();
+        let order = Rng::derive(recipe.seed, &[epoch as u64, 0xDA7A]).permutation(train_set.len());
+        let order = order[..steps_per_epoch * accum * batch].to_vec();
+        let mut loader = Loader::start(&train_pipe, order, batch, true, epoch as u64, recipe.data.workers);
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(steps_per_epoch as u64);
+            b.set_style(indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})").unwrap().progress_chars("=> "));
+            b.set_prefix(format!("{}/{epochs}", epoch + 1));
+            b
+        });
+        let mut sums = vec![0.0f64; names.len()];
+        let mut seen = 0usize;
+        let mut window_start = Instant::now();
+        let mut window_images = 0usize;
+        for s in 0..steps_per_epoch {
+            let lr = learning_rate(epoch as f64 + s as f64 / steps_per_epoch as f64, peak, &recipe.schedule, epochs as f64);
+            let mut step_sums = vec![0.0f64; names.len()];
+            for _ in 0..accum {
+                let b = loader.next().expect("loader yields steps_per_epoch * accum batches")?;
+                let images = images_tensor(b.images, b.n, &model.geometry, device);
+                let plan = model.masker.sample(&model.geometry, b.n, &mut state.rng);
+                let mask = plan.to_device(device);
+                let out = forward_backward(&model, norm.as_mut(), images, &b.labels, &mask, accum as f64);
+                for (prefix, m) in model.trainables() {
+                    opt.accumulate(prefix, m, &out.grads);
+                }
+                let vals: Vec<f32> = out.scalars.into_data().convert::<f32>().to_vec().map_err(|e| format!("{e:?}"))?;
+                if !vals[0].is_finite() {
+                    return Err(format!(
+                        "the loss became {} at epoch {} step {}: the run stops here and its last checkpoint is kept; lower the learning rate (optimizer.blr) or set optimizer.clip_grad",
+                        vals[0], epoch + 1, state.step + 1
+                    ));
+                }
+                for (a, v) in step_sums.iter_mut().zip(&vals) {
+                    *a += *v as f64;
+                }
+                seen += b.n;
+                window_images += b.n;
+            }
+            opt.step(&mut model.trainables_mut(), lr);
+            state.step += 1;
+            for (a, v) in sums.iter_mut().zip(&step_sums) {
+                *a += v;
+            }
+            let per = |i: usize| step_sums[i] / accum as f64;
+            if let Some(bar) = &bar {
+                bar.set_message(format!("loss {:.4} lr {lr:.2e}", per(0)));
+                bar.inc(1);
+            }
+            if state.step % recipe.train.log_every as u64 == 0 || s + 1 == steps_per_epoch {
+                let secs = window_start.elapsed().as_secs_f64();
+                let ips = window_images as f64 / secs.max(1e-9);
+                let mut row = serde_json::Map::new();
+                row.insert("kind".into(), json!("step"));
+                row.insert("epoch".into(), json!(epoch + 1));
+                row.insert("step".into(), json!(state.step));
+                row.insert("lr".into(), json!(lr));
+                for (i, n) in names.iter().enumerate().take(names.len() - 1) {
+                    row.insert(n.clone(), json!(per(i)));
+                }
+                row.insert("probe.train_acc".into(), json!(step_sums[names.len() - 1] / (batch * accum) as f64));
+                row.insert("images_per_s".into(), json!(ips));
+                metrics.write(serde_json::Value::Object(row))?;
+                if bar.is_none() {
+                    tracing::info!("epoch {}/{epochs} step {}/{steps_per_epoch} loss {:.4} {} {:.4} lr {lr:.3e} {ips:.0} img/s", epoch + 1, s + 1, per(0), names[1], per(1));
+                }
+                window_start = Instant::now();
+                window_images = 0;
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        state.epoch = epoch + 1;
+        let steps = steps_per_epoch as f64;
+        let mut row = serde_json::Map::new();
+        row.insert("kind".into(), json!("epoch"));
+        row.insert("epoch".into(), json!(epoch + 1));
+        row.insert("step".into(), json!(state.step));
+        for (i, n) in names.iter().enumerate().take(names.len() - 1) {
+            row.insert(n.clone(), json!(sums[i] / steps / accum as f64));
+        }
+        summary.last_target_loss = sums[1] / steps / accum as f64;
+        if norm.is_some() {
+            row.insert("probe.train_acc".into(), json!(sums[names.len() - 1] / seen as f64));
+        }
+        if let (Some(n), Some(p)) = (norm.as_mut(), &eval_pipe) {
+            let acc = evaluate_probe(&model, n, p, batch, device)?;
+            row.insert("probe.test_acc".into(), json!(acc));
+            summary.probe_accuracy = Some(acc);
+        }
+        if let (true, Some(p)) = (recipe.eval.erank_samples > 0, &eval_pipe) {
+            let (f, _, d) = extract_features(&model, p, recipe.eval.erank_samples, batch, device)?;
+            let n = f.len() / d;
+            let e = analysis::effective_rank(&f, n, d);
+            row.insert("erank".into(), json!(e));
+            summary.erank = Some(e);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        row.insert("seconds".into(), json!(secs));
+        row.insert("images_per_s".into(), json!(seen as f64 / secs));
+        tracing::info!("epoch {}/{epochs} done in {secs:.1}s: {}", epoch + 1, serde_json::Value::Object(row.clone()));
+        metrics.write(serde_json::Value::Object(row))?;
+        if state.epoch % recipe.train.checkpoint_every == 0 || state.epoch == epochs {
+            save_checkpoint(run_dir, &model, &norm, &opt, &state)?;
+        }
+    }
+    summary.steps = state.step;
+    Ok(summary)
+}
