@@ -9,7 +9,11 @@ use umae_api::registry::{self, PluginKind};
 use umae_runtime::{bench, model::Model, parse_device, RunOptions};
 
 #[derive(Parser)]
-#[command(name = "umae", version, about = "Masked-image-modeling pretraining with swappable plugins (MAE, U-MAE, ...)")]
+#[command(
+    name = "umae",
+    version,
+    about = "Masked-image-modeling pretraining with swappable plugins (MAE, U-MAE, ...)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,8 +87,14 @@ enum Command {
 pub fn main() -> ExitCode {
     crate::builtin_plugins();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("UMAE_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("UMAE_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(m)) => {
@@ -123,23 +133,38 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let model = Model::build(&r, &device).map_err(|e| Failure::Input(e.to_string()))?;
             let report = model.report();
             if json {
-                let mut v = serde_json::to_value(&report).map_err(|e| Failure::Run(e.to_string()))?;
+                let mut v =
+                    serde_json::to_value(&report).map_err(|e| Failure::Run(e.to_string()))?;
                 v["trainable"] = report.trainable().into();
                 v["fixed"] = report.fixed().into();
                 println!("{v}");
             } else {
                 println!("recipe   {} ({})", r.name, r.path.display());
                 print!("{report}");
-                println!("ok: effective batch {}, peak lr {:.3e}, {} epochs", r.effective_batch(), r.peak_lr(), r.train.epochs);
+                println!(
+                    "ok: effective batch {}, peak lr {:.3e}, {} epochs",
+                    r.effective_batch(),
+                    r.peak_lr(),
+                    r.train.epochs
+                );
             }
             Ok(())
         }
-        Command::Run { recipe, sets, output, resume, device } => {
+        Command::Run {
+            recipe,
+            sets,
+            output,
+            resume,
+            device,
+        } => {
             let (r, run_dir, resume) = match resume {
                 Some(dir) => {
                     let path = dir.join("recipe.ron");
                     if !path.exists() {
-                        return Err(Failure::Input(format!("{} is not a run directory (no recipe.ron)", dir.display())));
+                        return Err(Failure::Input(format!(
+                            "{} is not a run directory (no recipe.ron)",
+                            dir.display()
+                        )));
                     }
                     (load(&path, &sets)?, dir, true)
                 }
@@ -152,28 +177,54 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 }
             };
             let device = device_for(device.as_deref(), &r)?;
-            let summary = umae_runtime::run(&r, &RunOptions { run_dir: run_dir.clone(), device, resume }).map_err(Failure::Run)?;
+            let summary = umae_runtime::run(
+                &r,
+                &RunOptions {
+                    run_dir: run_dir.clone(),
+                    device,
+                    resume,
+                },
+            )
+            .map_err(Failure::Run)?;
             println!(
                 "done: {} epochs, {} steps, final target loss {:.4}{}{} -> {}",
                 summary.epochs,
                 summary.steps,
                 summary.last_target_loss,
-                summary.probe_accuracy.map(|a| format!(", online probe {:.2}%", a * 100.0)).unwrap_or_default(),
-                summary.erank.map(|e| format!(", erank {e:.2}")).unwrap_or_default(),
+                summary
+                    .probe_accuracy
+                    .map(|a| format!(", online probe {:.2}%", a * 100.0))
+                    .unwrap_or_default(),
+                summary
+                    .erank
+                    .map(|e| format!(", erank {e:.2}"))
+                    .unwrap_or_default(),
                 run_dir.display()
             );
             Ok(())
         }
-        Command::Bench { recipe, batch, steps, warmup, device, json } => {
+        Command::Bench {
+            recipe,
+            batch,
+            steps,
+            warmup,
+            device,
+            json,
+        } => {
             let r = load(&recipe.recipe, &recipe.sets)?;
             let device = device_for(device.as_deref(), &r)?;
             let batch = batch.unwrap_or(r.train.batch_size);
             if batch == 0 || steps == 0 {
-                return Err(Failure::Input("--batch and --steps must be at least 1".into()));
+                return Err(Failure::Input(
+                    "--batch and --steps must be at least 1".into(),
+                ));
             }
             let res = bench::bench(&r, &device, batch, steps, warmup).map_err(Failure::Run)?;
             if json {
-                println!("{}", serde_json::to_string(&res).map_err(|e| Failure::Run(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&res).map_err(|e| Failure::Run(e.to_string()))?
+                );
             } else {
                 println!(
                     "{}: batch {batch}, {steps} steps in {:.2}s: {:.1} images/s, {:.1} ms/step, peak memory {}",
@@ -192,14 +243,21 @@ fn dispatch(command: Command) -> Result<(), Failure> {
 fn plugins(kind: Option<&str>) -> Result<(), Failure> {
     let only = match kind {
         None => None,
-        Some(k) => Some(PluginKind::ALL.into_iter().find(|p| p.name() == k).ok_or_else(|| {
-            let names: Vec<&str> = PluginKind::ALL.iter().map(|k| k.name()).collect();
-            Failure::Input(format!(
-                "unknown plugin kind `{k}` (valid: {}){}",
-                names.join(", "),
-                umae_api::suggest::nearest(k, names.iter().copied()).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default()
-            ))
-        })?),
+        Some(k) => Some(
+            PluginKind::ALL
+                .into_iter()
+                .find(|p| p.name() == k)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = PluginKind::ALL.iter().map(|k| k.name()).collect();
+                    Failure::Input(format!(
+                        "unknown plugin kind `{k}` (valid: {}){}",
+                        names.join(", "),
+                        umae_api::suggest::nearest(k, names.iter().copied())
+                            .map(|s| format!("; did you mean `{s}`?"))
+                            .unwrap_or_default()
+                    ))
+                })?,
+        ),
     };
     for p in registry::plugins() {
         if only.is_some_and(|k| k != p.kind()) {
@@ -208,7 +266,13 @@ fn plugins(kind: Option<&str>) -> Result<(), Failure> {
         println!("{:<12} {:<14} {}", p.kind(), p.name, p.doc);
         for f in (p.params)() {
             let default = f.default.rsplit("::").next().unwrap_or(f.default);
-            println!("    {:<12} {:<16} = {:<14} {}", f.name, f.ty.replace(' ', ""), default, f.doc.trim());
+            println!(
+                "    {:<12} {:<16} = {:<14} {}",
+                f.name,
+                f.ty.replace(' ', ""),
+                default,
+                f.doc.trim()
+            );
         }
     }
     Ok(())

@@ -15,13 +15,19 @@ fn vit_b_mae_has_its_known_size() {
         let v = check_json(recipe);
         assert_eq!(v["trainable"], 111_655_680, "{recipe}: {v}");
         assert_eq!(v["encoder"][1], 85_647_360, "{recipe}: {v}");
-        assert_eq!(v["trainable"].as_u64().unwrap() + v["fixed"].as_u64().unwrap(), 111_907_840);
+        assert_eq!(
+            v["trainable"].as_u64().unwrap() + v["fixed"].as_u64().unwrap(),
+            111_907_840
+        );
     }
 }
 
 #[test]
 fn vit_t_cifar_mae_has_its_known_size() {
-    for recipe in ["recipes/mae-vitt-cifar10.ron", "recipes/u-mae-vitt-cifar10.ron"] {
+    for recipe in [
+        "recipes/mae-vitt-cifar10.ron",
+        "recipes/u-mae-vitt-cifar10.ron",
+    ] {
         assert_eq!(check_json(recipe)["trainable"], 5_776_176, "{recipe}");
     }
 }
@@ -41,12 +47,31 @@ fn plugins_lists_every_builtin_with_defaults() {
     let o = run(&["plugins"]);
     assert!(o.status.success());
     let t = text(&o);
-    for needle in ["masker", "random", "encoder", "vit", "decoder", "mae", "target", "pixels", "regularizer", "uniformity", "tau", "0.1", "ratio", "0.75"] {
+    for needle in [
+        "masker",
+        "random",
+        "encoder",
+        "vit",
+        "decoder",
+        "mae",
+        "target",
+        "pixels",
+        "regularizer",
+        "uniformity",
+        "tau",
+        "0.1",
+        "ratio",
+        "0.75",
+    ] {
         assert!(t.contains(needle), "missing {needle} in\n{t}");
     }
     let o = run(&["plugins", "--kind", "regulariser"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("did you mean `regularizer`"), "{}", text(&o));
+    assert!(
+        text(&o).contains("did you mean `regularizer`"),
+        "{}",
+        text(&o)
+    );
 }
 
 fn bad_recipe(name: &str, from: &str, to: &str) -> (i32, String) {
@@ -92,7 +117,10 @@ fn wrong_type_and_syntax_error_are_located() {
     let (code, t) = bad_recipe("d.ron", "batch_size: 128", "batch_size: \"big\"");
     assert_eq!(code, 2, "{t}");
     let line = line_of("batch_size: 128");
-    assert!(t.contains(&format!("d.ron:{line}:")) && t.contains("train.batch_size"), "{t}");
+    assert!(
+        t.contains(&format!("d.ron:{line}:")) && t.contains("train.batch_size"),
+        "{t}"
+    );
 
     let (code, t) = bad_recipe("e.ron", "ratio: 0.75)),", "ratio: 0.75),");
     assert_eq!(code, 2, "{t}");
@@ -102,7 +130,13 @@ fn wrong_type_and_syntax_error_are_located() {
 
 #[test]
 fn set_overrides_and_missing_files() {
-    let o = run(&["check", "recipes/mae-fmnist.ron", "--set", "decoder.params.depth=3", "--json"]);
+    let o = run(&[
+        "check",
+        "recipes/mae-fmnist.ron",
+        "--set",
+        "decoder.params.depth=3",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["decoder"][1].as_u64().unwrap() > 109_456, "{v}");
@@ -111,21 +145,38 @@ fn set_overrides_and_missing_files() {
     assert!(text(&o).contains("did you mean `train`"), "{}", text(&o));
     let o = run(&["check", "recipes/nope.ron"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("cannot read recipe recipes/nope.ron"), "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot read recipe recipes/nope.ron"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn shape_mismatch_names_both_components() {
     // The vit encoder cannot cut 28x28 images into 16px patches.
-    let o = run(&["check", "recipes/mae-fmnist.ron", "--set", "encoder.params.patch=16"]);
+    let o = run(&[
+        "check",
+        "recipes/mae-fmnist.ron",
+        "--set",
+        "encoder.params.patch=16",
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("not divisible by the patch size 16"), "{}", text(&o));
+    assert!(
+        text(&o).contains("not divisible by the patch size 16"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn u_recipes_differ_from_their_base_only_by_regularizers() {
     use umae_api::recipe::Recipe;
-    for (base, u) in [("mae-vitb", "u-mae-vitb"), ("mae-vitt-cifar10", "u-mae-vitt-cifar10"), ("mae-fmnist", "u-mae-fmnist")] {
+    for (base, u) in [
+        ("mae-vitb", "u-mae-vitb"),
+        ("mae-vitt-cifar10", "u-mae-vitt-cifar10"),
+        ("mae-fmnist", "u-mae-fmnist"),
+    ] {
         let load = |n: &str| Recipe::load(&repo().join(format!("recipes/{n}.ron")), &[]).unwrap();
         let (b, u_r) = (load(base), load(u));
         assert!(b.regularizers.is_empty());
@@ -138,6 +189,10 @@ fn u_recipes_differ_from_their_base_only_by_regularizers() {
             }
             t.to_ron()
         };
-        assert_eq!(strip(&b), strip(&u_r), "{u} differs from {base} beyond its regularizers");
+        assert_eq!(
+            strip(&b),
+            strip(&u_r),
+            "{u} differs from {base} beyond its regularizers"
+        );
     }
 }

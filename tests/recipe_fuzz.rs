@@ -10,9 +10,15 @@ const BASE: &str = include_str!("../recipes/mae-fmnist.ron");
 /// before allocating any tensor).
 fn validate(text: &str) -> Result<(), String> {
     let r = Recipe::from_str(text, "fuzz.ron").map_err(|e| e.to_string())?;
-    let slots = [(PluginKind::Masker, &r.masker), (PluginKind::Encoder, &r.encoder), (PluginKind::Decoder, &r.decoder), (PluginKind::Target, &r.target)];
+    let slots = [
+        (PluginKind::Masker, &r.masker),
+        (PluginKind::Encoder, &r.encoder),
+        (PluginKind::Decoder, &r.decoder),
+        (PluginKind::Target, &r.target),
+    ];
     for (kind, spec) in slots {
-        let p = registry::find(kind, &spec.plugin).ok_or_else(|| format!("no {kind} {}", spec.plugin))?;
+        let p = registry::find(kind, &spec.plugin)
+            .ok_or_else(|| format!("no {kind} {}", spec.plugin))?;
         (p.check)(&spec.params).map_err(|e| e.to_string())?;
     }
     Ok(())

@@ -261,7 +261,10 @@ impl<'de> de::MapAccess<'de> for Fields<'_> {
         })
     }
 
-    fn next_value_seed<V: de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DeError> {
         let f = self.pending.take().expect("value requested before key");
         seed.deserialize(&f.value)
             .map_err(|e| in_path(f.name.clone(), at(&f.value, e)))
@@ -286,7 +289,10 @@ impl<'de> de::MapAccess<'de> for Entries<'_> {
         seed.deserialize(k).map(Some).map_err(|e| at(k, e))
     }
 
-    fn next_value_seed<V: de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DeError> {
         let v = self.pending.take().expect("value requested before key");
         seed.deserialize(v).map_err(|e| at(v, e))
     }
@@ -329,10 +335,16 @@ impl<'de> de::VariantAccess<'de> for Variant<'_> {
         }
     }
 
-    fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, DeError> {
+    fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(
+        self,
+        seed: T,
+    ) -> Result<T::Value, DeError> {
         match &self.node.kind {
             Kind::Tuple(_, items) if items.len() == 1 => seed.deserialize(&items[0]),
-            _ => Err(type_error("a variant with one value, like `Name(x)`", self.node)),
+            _ => Err(type_error(
+                "a variant with one value, like `Name(x)`",
+                self.node,
+            )),
         }
     }
 
@@ -390,7 +402,11 @@ mod tests {
 
     #[test]
     fn typed_values_and_enums() {
-        let n = parse("(tau: 1, feature: Mean, n: Some(3), list: [(0.9, 0.95)])", "p").unwrap();
+        let n = parse(
+            "(tau: 1, feature: Mean, n: Some(3), list: [(0.9, 0.95)])",
+            "p",
+        )
+        .unwrap();
         let p: P = from_node(&n).unwrap();
         assert_eq!(p.tau, 1.0);
         assert_eq!(p.feature, Feature::Mean);
@@ -402,7 +418,11 @@ mod tests {
     fn errors_carry_position_path_and_suggestion() {
         let n = parse("(tau: 1,\n  featur: Cls)", "p.ron").unwrap();
         let e = from_node::<P>(&n).unwrap_err();
-        assert_eq!(e.span.as_ref().map(|s| (s.line, s.col)), Some((2, 3)), "{e}");
+        assert_eq!(
+            e.span.as_ref().map(|s| (s.line, s.col)),
+            Some((2, 3)),
+            "{e}"
+        );
         assert_eq!(e.suggestion.as_deref(), Some("feature"));
 
         let n = parse("(tau: \"x\", feature: Cls)", "p.ron").unwrap();

@@ -18,12 +18,17 @@ impl PatchGeometry {
                 "image {channels}x{height}x{width} with patch {patch}: every size must be positive"
             ));
         }
-        if height % patch != 0 || width % patch != 0 {
+        if !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
             return Err(format!(
                 "image size {height}x{width} is not divisible by the patch size {patch}"
             ));
         }
-        Ok(PatchGeometry { channels, height, width, patch })
+        Ok(PatchGeometry {
+            channels,
+            height,
+            width,
+            patch,
+        })
     }
 
     pub fn grid(&self) -> (usize, usize) {

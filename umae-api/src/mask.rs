@@ -27,11 +27,19 @@ impl MaskPlan {
             let visible: Vec<usize> = (0..f.len()).filter(|&i| !f[i]).collect();
             let hidden = (0..f.len()).filter(|&i| f[i]);
             if *num_visible.get_or_insert(visible.len()) != visible.len() {
-                return Err(format!("sample {b} has {} visible patches, sample 0 has {}", visible.len(), num_visible.unwrap()));
+                return Err(format!(
+                    "sample {b} has {} visible patches, sample 0 has {}",
+                    visible.len(),
+                    num_visible.unwrap()
+                ));
             }
             order.push(visible.into_iter().chain(hidden).collect());
         }
-        Ok(MaskPlan { num_patches, num_visible: num_visible.unwrap_or(0), order })
+        Ok(MaskPlan {
+            num_patches,
+            num_visible: num_visible.unwrap_or(0),
+            order,
+        })
     }
 
     pub fn batch(&self) -> usize {
@@ -40,7 +48,10 @@ impl MaskPlan {
 
     /// Visible patch ids per sample (MAE's `ids_keep`).
     pub fn keep(&self) -> Vec<Vec<usize>> {
-        self.order.iter().map(|o| o[..self.num_visible].to_vec()).collect()
+        self.order
+            .iter()
+            .map(|o| o[..self.num_visible].to_vec())
+            .collect()
     }
 
     /// The inverse permutation of `order` (MAE's `ids_restore`).

@@ -20,7 +20,11 @@ pub struct RecipeError {
 
 impl RecipeError {
     pub fn new(span: Option<Span>, message: impl Into<String>) -> Self {
-        RecipeError { span, message: message.into(), suggestion: None }
+        RecipeError {
+            span,
+            message: message.into(),
+            suggestion: None,
+        }
     }
 
     /// Wrap a deserialisation error of a section or component, prefixing `context`
@@ -83,7 +87,11 @@ pub struct AugmentSpec {
 
 impl Default for AugmentSpec {
     fn default() -> Self {
-        AugmentSpec { crop_scale: (0.2, 1.0), crop_ratio: (3.0 / 4.0, 4.0 / 3.0), hflip: true }
+        AugmentSpec {
+            crop_scale: (0.2, 1.0),
+            crop_ratio: (3.0 / 4.0, 4.0 / 3.0),
+            hflip: true,
+        }
     }
 }
 
@@ -171,7 +179,10 @@ pub struct ScheduleSpec {
 
 impl Default for ScheduleSpec {
     fn default() -> Self {
-        ScheduleSpec { warmup_epochs: 40.0, min_lr: 0.0 }
+        ScheduleSpec {
+            warmup_epochs: 40.0,
+            min_lr: 0.0,
+        }
     }
 }
 
@@ -192,7 +203,13 @@ pub struct TrainSpec {
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        TrainSpec { epochs: 200, batch_size: 64, accum_steps: 1, log_every: 20, checkpoint_every: 1 }
+        TrainSpec {
+            epochs: 200,
+            batch_size: 64,
+            accum_steps: 1,
+            log_every: 20,
+            checkpoint_every: 1,
+        }
     }
 }
 
@@ -216,7 +233,10 @@ pub struct EvalSpec {
 
 impl Default for EvalSpec {
     fn default() -> Self {
-        EvalSpec { online_probe: true, erank_samples: 0 }
+        EvalSpec {
+            online_probe: true,
+            erank_samples: 0,
+        }
     }
 }
 
@@ -273,8 +293,22 @@ pub struct Recipe {
 
 /// Top-level fields of a recipe.
 pub const FIELDS: &[&str] = &[
-    "name", "base", "seed", "device", "plugins", "data", "masker", "encoder", "decoder", "target",
-    "regularizers", "optimizer", "schedule", "train", "eval", "output",
+    "name",
+    "base",
+    "seed",
+    "device",
+    "plugins",
+    "data",
+    "masker",
+    "encoder",
+    "decoder",
+    "target",
+    "regularizers",
+    "optimizer",
+    "schedule",
+    "train",
+    "eval",
+    "output",
 ];
 
 const COMPONENT_FIELDS: &[&str] = &["plugin", "params"];
@@ -307,14 +341,21 @@ impl Recipe {
         let fields = tree.fields().ok_or_else(|| {
             RecipeError::new(
                 Some(tree.span.clone()),
-                format!("a recipe is a struct `Recipe(name: ..., ...)`, found {}", tree.kind.describe()),
+                format!(
+                    "a recipe is a struct `Recipe(name: ..., ...)`, found {}",
+                    tree.kind.describe()
+                ),
             )
         })?;
         for f in fields {
             if !FIELDS.contains(&f.name.as_str()) {
                 return Err(RecipeError {
                     span: Some(f.name_span.clone()),
-                    message: format!("unknown recipe field `{}` (valid: {})", f.name, FIELDS.join(", ")),
+                    message: format!(
+                        "unknown recipe field `{}` (valid: {})",
+                        f.name,
+                        FIELDS.join(", ")
+                    ),
                     suggestion: crate::suggest::nearest(&f.name, FIELDS.iter().copied()),
                 });
             }
@@ -331,7 +372,10 @@ impl Recipe {
         }
         let name = match section("name") {
             Some(n) => from_node::<String>(n).map_err(|e| RecipeError::from_de("name", e))?,
-            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            None => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         };
         let component = |slot: &str| -> Result<ComponentSpec, RecipeError> {
             let node = section(slot).ok_or_else(|| {
@@ -348,7 +392,10 @@ impl Recipe {
                 let Kind::Seq(items) = &n.kind else {
                     return Err(RecipeError::new(
                         Some(n.span.clone()),
-                        format!("`regularizers` is a list `[(plugin: ..., weight: ...)]`, found {}", n.kind.describe()),
+                        format!(
+                            "`regularizers` is a list `[(plugin: ..., weight: ...)]`, found {}",
+                            n.kind.describe()
+                        ),
                     ));
                 };
                 items
@@ -415,35 +462,65 @@ impl Recipe {
         ];
         for (section, field, v) in positive {
             if v == 0 {
-                return Err(RecipeError::new(at(section, field), format!("{section}.{field} must be at least 1")));
+                return Err(RecipeError::new(
+                    at(section, field),
+                    format!("{section}.{field} must be at least 1"),
+                ));
             }
         }
         let o = &self.optimizer;
-        let finite_nonneg = [("blr", o.blr), ("eps", o.eps), ("weight_decay", o.weight_decay)];
+        let finite_nonneg = [
+            ("blr", o.blr),
+            ("eps", o.eps),
+            ("weight_decay", o.weight_decay),
+        ];
         for (field, v) in finite_nonneg {
             if !v.is_finite() || v < 0.0 {
-                return Err(RecipeError::new(at("optimizer", field), format!("optimizer.{field} must be a finite number >= 0, found {v}")));
+                return Err(RecipeError::new(
+                    at("optimizer", field),
+                    format!("optimizer.{field} must be a finite number >= 0, found {v}"),
+                ));
             }
         }
         if let Some(lr) = o.lr {
             if !lr.is_finite() || lr < 0.0 {
-                return Err(RecipeError::new(at("optimizer", "lr"), format!("optimizer.lr must be a finite number >= 0, found {lr}")));
+                return Err(RecipeError::new(
+                    at("optimizer", "lr"),
+                    format!("optimizer.lr must be a finite number >= 0, found {lr}"),
+                ));
             }
         }
         for (i, b) in [o.betas.0, o.betas.1].into_iter().enumerate() {
             if !(0.0..1.0).contains(&b) {
-                return Err(RecipeError::new(at("optimizer", "betas"), format!("optimizer.betas.{i} must be in [0, 1), found {b}")));
+                return Err(RecipeError::new(
+                    at("optimizer", "betas"),
+                    format!("optimizer.betas.{i} must be in [0, 1), found {b}"),
+                ));
             }
         }
         if !self.schedule.warmup_epochs.is_finite() || self.schedule.warmup_epochs < 0.0 {
-            return Err(RecipeError::new(at("schedule", "warmup_epochs"), "schedule.warmup_epochs must be a finite number >= 0"));
+            return Err(RecipeError::new(
+                at("schedule", "warmup_epochs"),
+                "schedule.warmup_epochs must be a finite number >= 0",
+            ));
         }
         let d = &self.data;
-        if (!d.mean.is_empty() && d.mean.len() != d.channels) || (!d.std.is_empty() && d.std.len() != d.channels) {
-            return Err(RecipeError::new(at("data", "mean"), format!("data.mean and data.std need one value per channel ({})", d.channels)));
+        if (!d.mean.is_empty() && d.mean.len() != d.channels)
+            || (!d.std.is_empty() && d.std.len() != d.channels)
+        {
+            return Err(RecipeError::new(
+                at("data", "mean"),
+                format!(
+                    "data.mean and data.std need one value per channel ({})",
+                    d.channels
+                ),
+            ));
         }
-        if d.std.iter().any(|s| !(*s > 0.0)) {
-            return Err(RecipeError::new(at("data", "std"), "data.std values must be > 0"));
+        if d.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
+            return Err(RecipeError::new(
+                at("data", "std"),
+                "data.std values must be > 0",
+            ));
         }
         if let Some(a) = &d.augment {
             let (lo, hi) = a.crop_scale;
@@ -452,7 +529,12 @@ impl Recipe {
             }
             let (lo, hi) = a.crop_ratio;
             if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
-                return Err(RecipeError::new(at("data", "augment"), format!("data.augment.crop_ratio must satisfy 0 < min <= max, found ({lo}, {hi})")));
+                return Err(RecipeError::new(
+                    at("data", "augment"),
+                    format!(
+                        "data.augment.crop_ratio must satisfy 0 < min <= max, found ({lo}, {hi})"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -474,27 +556,42 @@ fn read_component(slot: &str, node: &Node, allowed: &[&str]) -> Result<Component
     let fields = node.fields().ok_or_else(|| {
         RecipeError::new(
             Some(node.span.clone()),
-            format!("`{slot}` is a struct `(plugin: \"name\", params: (...))`, found {}", node.kind.describe()),
+            format!(
+                "`{slot}` is a struct `(plugin: \"name\", params: (...))`, found {}",
+                node.kind.describe()
+            ),
         )
     })?;
     for f in fields {
         if !allowed.contains(&f.name.as_str()) {
             return Err(RecipeError {
                 span: Some(f.name_span.clone()),
-                message: format!("unknown field `{}` in `{slot}` (valid: {})", f.name, allowed.join(", ")),
+                message: format!(
+                    "unknown field `{}` in `{slot}` (valid: {})",
+                    f.name,
+                    allowed.join(", ")
+                ),
                 suggestion: crate::suggest::nearest(&f.name, allowed.iter().copied()),
             });
         }
     }
     let plugin = node.get("plugin").ok_or_else(|| {
-        RecipeError::new(Some(node.span.clone()), format!("`{slot}` needs `plugin: \"name\"`"))
+        RecipeError::new(
+            Some(node.span.clone()),
+            format!("`{slot}` needs `plugin: \"name\"`"),
+        )
     })?;
-    let name = from_node::<String>(plugin).map_err(|e| RecipeError::from_de(&format!("{slot}.plugin"), e))?;
+    let name = from_node::<String>(plugin)
+        .map_err(|e| RecipeError::from_de(&format!("{slot}.plugin"), e))?;
     let params = match node.get("params") {
         Some(p) => p.clone(),
         None => Node::new(Kind::Struct(None, Vec::new()), node.span.clone()),
     };
-    Ok(ComponentSpec { plugin: name, span: plugin.span.clone(), params })
+    Ok(ComponentSpec {
+        plugin: name,
+        span: plugin.span.clone(),
+        params,
+    })
 }
 
 fn load_tree(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Node, RecipeError> {
@@ -502,10 +599,14 @@ fn load_tree(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Node, RecipeErr
         RecipeError::new(None, format!("cannot read recipe {}: {e}", path.display()))
     })?;
     if !seen.insert(canonical.clone()) {
-        return Err(RecipeError::new(None, format!("recipe {} is its own base (a `base` cycle)", path.display())));
+        return Err(RecipeError::new(
+            None,
+            format!("recipe {} is its own base (a `base` cycle)", path.display()),
+        ));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| RecipeError::new(None, format!("cannot read recipe {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        RecipeError::new(None, format!("cannot read recipe {}: {e}", path.display()))
+    })?;
     let mut tree = parse(&text, &path.display().to_string())
         .map_err(|e| RecipeError::new(Some(e.span), e.message))?;
     let Kind::Struct(_, fields) = &mut tree.kind else {
@@ -544,11 +645,16 @@ fn merge_recipe(base: &mut Node, child: Node) {
     };
     for f in child_fields {
         let replaces_plugin = ["masker", "encoder", "decoder", "target"].contains(&f.name.as_str())
-            && match (base.get(&f.name).and_then(|b| b.get("plugin")), f.value.get("plugin")) {
+            && match (
+                base.get(&f.name).and_then(|b| b.get("plugin")),
+                f.value.get("plugin"),
+            ) {
                 (Some(a), Some(b)) => a.as_str() != b.as_str(),
                 _ => false,
             };
-        let Kind::Struct(_, base_fields) = &mut base.kind else { unreachable!() };
+        let Kind::Struct(_, base_fields) = &mut base.kind else {
+            unreachable!()
+        };
         match base_fields.iter_mut().find(|b| b.name == f.name) {
             Some(b) if replaces_plugin => *b = f,
             Some(b) => b.value.merge(f.value),
@@ -561,13 +667,23 @@ fn merge_recipe(base: &mut Node, child: Node) {
 /// value that is not valid RON is taken as a string (`--set output.dir=runs/a`).
 pub fn apply_set(tree: &mut Node, set: &str) -> Result<(), RecipeError> {
     let source: Arc<str> = Arc::from(format!("--set {set}"));
-    let span = Span { source: source.clone(), line: 1, col: 1 };
+    let span = Span {
+        source: source.clone(),
+        line: 1,
+        col: 1,
+    };
     let (key, value) = set.split_once('=').ok_or_else(|| {
-        RecipeError::new(Some(span.clone()), "expected `path.to.field=value`, for example `train.epochs=10`")
+        RecipeError::new(
+            Some(span.clone()),
+            "expected `path.to.field=value`, for example `train.epochs=10`",
+        )
     })?;
     let path: Vec<&str> = key.trim().split('.').collect();
     if path.iter().any(|p| p.is_empty()) {
-        return Err(RecipeError::new(Some(span), format!("`{key}` is not a field path like `train.epochs`")));
+        return Err(RecipeError::new(
+            Some(span),
+            format!("`{key}` is not a field path like `train.epochs`"),
+        ));
     }
     if !FIELDS.contains(&path[0]) || path[0] == "base" {
         return Err(RecipeError {
@@ -577,9 +693,11 @@ pub fn apply_set(tree: &mut Node, set: &str) -> Result<(), RecipeError> {
         });
     }
     let value = value.trim();
-    let mut node = parse(value, &source).unwrap_or_else(|_| Node::new(Kind::Str(value.to_string()), span.clone()));
+    let mut node = parse(value, &source)
+        .unwrap_or_else(|_| Node::new(Kind::Str(value.to_string()), span.clone()));
     relabel(&mut node, &span);
-    tree.set_path(&path, node).map_err(|m| RecipeError::new(Some(span), m))
+    tree.set_path(&path, node)
+        .map_err(|m| RecipeError::new(Some(span), m))
 }
 
 fn relabel(node: &mut Node, span: &Span) {

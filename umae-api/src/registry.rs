@@ -90,7 +90,9 @@ impl BuildContext {
     /// The patch geometry, for plugins built after the encoder.
     pub fn geometry(&self) -> Result<PatchGeometry, PluginError> {
         self.geometry.ok_or_else(|| {
-            PluginError::Invalid("the patch geometry is not known before the encoder is built".into())
+            PluginError::Invalid(
+                "the patch geometry is not known before the encoder is built".into(),
+            )
         })
     }
 }
@@ -154,7 +156,11 @@ pub fn find(kind: PluginKind, name: &str) -> Option<&'static Plugin> {
 
 /// Names of all plugins of a kind.
 pub fn names(kind: PluginKind) -> Vec<&'static str> {
-    plugins().into_iter().filter(|p| p.kind() == kind).map(|p| p.name).collect()
+    plugins()
+        .into_iter()
+        .filter(|p| p.kind() == kind)
+        .map(|p| p.name)
+        .collect()
 }
 
 /// Registers a plugin in one line:
@@ -173,7 +179,9 @@ macro_rules! register {
                 let params = <$params as $crate::Params>::from_node(node)?;
                 Ok(::std::boxed::Box::new($build(&params, ctx)?))
             }
-            fn __umae_check(node: &$crate::value::Node) -> ::std::result::Result<(), $crate::PluginError> {
+            fn __umae_check(
+                node: &$crate::value::Node,
+            ) -> ::std::result::Result<(), $crate::PluginError> {
                 <$params as $crate::Params>::from_node(node)?;
                 Ok(())
             }

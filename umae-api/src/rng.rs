@@ -10,7 +10,9 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng { state: seed ^ 0x9E37_79B9_7F4A_7C15 }
+        Rng {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+        }
     }
 
     /// An independent stream derived from this seed and a list of keys (epoch, sample index...).
@@ -70,8 +72,12 @@ mod tests {
 
     #[test]
     fn deterministic_and_uniformish() {
-        let a: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
-        let b: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
+        let a: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
         assert_eq!(a, b);
         let mut r = Rng::new(1);
         let mean = (0..20000).map(|_| r.uniform()).sum::<f64>() / 20000.0;
@@ -79,6 +85,9 @@ mod tests {
         let mut p = r.permutation(100);
         p.sort();
         assert_eq!(p, (0..100).collect::<Vec<_>>());
-        assert_ne!(Rng::derive(1, &[2]).next_u64(), Rng::derive(1, &[3]).next_u64());
+        assert_ne!(
+            Rng::derive(1, &[2]).next_u64(),
+            Rng::derive(1, &[3]).next_u64()
+        );
     }
 }

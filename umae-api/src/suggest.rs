@@ -16,7 +16,10 @@ mod tests {
     #[test]
     fn finds_close_names_only() {
         let names = ["uniformity", "random", "vit"];
-        assert_eq!(super::nearest("unifromity", names).as_deref(), Some("uniformity"));
+        assert_eq!(
+            super::nearest("unifromity", names).as_deref(),
+            Some("uniformity")
+        );
         assert_eq!(super::nearest("VIT", names).as_deref(), Some("vit"));
         assert_eq!(super::nearest("completely-else", names), None);
     }

@@ -81,7 +81,13 @@ impl ModuleVisitor<B> for Visit<'_> {
         };
         if let Some(t) = flat {
             let path = self.path.joined();
-            (self.f)(&ParamInfo { path: &path, shape: &shape }, t.reshape([n]));
+            (self.f)(
+                &ParamInfo {
+                    path: &path,
+                    shape: &shape,
+                },
+                t.reshape([n]),
+            );
         }
     }
 }
@@ -105,7 +111,13 @@ impl ModuleMapper<B> for Map<'_> {
         let n: usize = shape.iter().product();
         let requires = value.is_require_grad();
         let path = self.path.joined();
-        let new = (self.f)(&ParamInfo { path: &path, shape: &shape }, value.inner().reshape([n]));
+        let new = (self.f)(
+            &ParamInfo {
+                path: &path,
+                shape: &shape,
+            },
+            value.inner().reshape([n]),
+        );
         let new = Tensor::<B, D>::from_inner(new.reshape(dims)).set_require_grad(requires);
         Param::from_mapped_value(id, new, mapper)
     }
@@ -117,17 +129,28 @@ impl<M: AutodiffModule<B> + 'static> Trainable for M {
     }
 
     fn visit_params(&self, f: &mut dyn FnMut(&ParamInfo, Tensor<Inner, 1>)) {
-        let mut v = Visit { path: Path::default(), grads: None, f };
+        let mut v = Visit {
+            path: Path::default(),
+            grads: None,
+            f,
+        };
         burn::module::Module::visit(self, &mut v);
     }
 
     fn visit_grads(&self, grads: &Grads, f: &mut dyn FnMut(&ParamInfo, Tensor<Inner, 1>)) {
-        let mut v = Visit { path: Path::default(), grads: Some(grads), f };
+        let mut v = Visit {
+            path: Path::default(),
+            grads: Some(grads),
+            f,
+        };
         burn::module::Module::visit(self, &mut v);
     }
 
     fn map_params(&mut self, f: &mut dyn FnMut(&ParamInfo, Tensor<Inner, 1>) -> Tensor<Inner, 1>) {
-        let mut m = Map { path: Path::default(), f };
+        let mut m = Map {
+            path: Path::default(),
+            f,
+        };
         *self = burn::module::Module::map(self.clone(), &mut m);
     }
 }

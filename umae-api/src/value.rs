@@ -173,10 +173,7 @@ impl Node {
                 item.set_path(rest, value)
             }
             Kind::Opt(Some(inner)) => inner.set_path(path, value),
-            other => Err(format!(
-                "cannot set `{head}` inside {}",
-                other.describe()
-            )),
+            other => Err(format!("cannot set `{head}` inside {}", other.describe())),
         }
     }
 }
@@ -420,7 +417,9 @@ impl Parser {
             let name_span = self.span();
             let fname = self.ident();
             if fname.is_empty() {
-                let found = self.peek().map_or("the end of the file".into(), |c| format!("`{c}`"));
+                let found = self
+                    .peek()
+                    .map_or("the end of the file".into(), |c| format!("`{c}`"));
                 return Err(self.error(format!("expected a field name, found {found}")));
             }
             if fields.iter().any(|f| f.name == fname) {
@@ -443,7 +442,9 @@ impl Parser {
                 }
                 Some(')') => {}
                 Some(c) => {
-                    return Err(self.error(format!("expected `,` or `)` after a field, found `{c}`")))
+                    return Err(
+                        self.error(format!("expected `,` or `)` after a field, found `{c}`"))
+                    )
                 }
                 None => return Err(self.error("unclosed `(`: expected `)`".into())),
             }
@@ -466,7 +467,9 @@ impl Parser {
                     self.bump();
                 }
                 Some(c) if c == close => {}
-                Some(c) => return Err(self.error(format!("expected `,` or `{close}`, found `{c}`"))),
+                Some(c) => {
+                    return Err(self.error(format!("expected `,` or `{close}`, found `{c}`")))
+                }
                 None => return Err(self.error(format!("unclosed list: expected `{close}`"))),
             }
         }
@@ -546,12 +549,16 @@ mod tests {
         let n = parse(src, "r.ron").unwrap();
         assert_eq!(n.get("name").unwrap().as_str(), Some("x"));
         let regs = n.get("regs").unwrap();
-        let Kind::Seq(items) = &regs.kind else { panic!() };
+        let Kind::Seq(items) = &regs.kind else {
+            panic!()
+        };
         assert_eq!(items[0].get("w").unwrap().as_f64(), Some(1e-4));
         assert!(matches!(&items[0].get("f").unwrap().kind, Kind::Ident(s) if s == "Cls"));
         assert_eq!(regs.span.line, 3);
         assert_eq!(regs.span.col, 9);
-        let Kind::Tuple(None, t) = &n.get("t").unwrap().kind else { panic!() };
+        let Kind::Tuple(None, t) = &n.get("t").unwrap().kind else {
+            panic!()
+        };
         assert_eq!(t[1].as_f64(), Some(-0.95));
     }
 
@@ -574,11 +581,16 @@ mod tests {
         assert_eq!(base.get("a").unwrap().get("y").unwrap().as_f64(), Some(3.0));
         let v = parse("7", "--set").unwrap();
         base.set_path(&["l", "0"], v.clone()).unwrap();
-        let Kind::Seq(l) = &base.get("l").unwrap().kind else { panic!() };
+        let Kind::Seq(l) = &base.get("l").unwrap().kind else {
+            panic!()
+        };
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].as_f64(), Some(7.0));
         base.set_path(&["new", "deep"], v.clone()).unwrap();
-        assert_eq!(base.get("new").unwrap().get("deep").unwrap().as_f64(), Some(7.0));
+        assert_eq!(
+            base.get("new").unwrap().get("deep").unwrap().as_f64(),
+            Some(7.0)
+        );
         assert!(base.set_path(&["l", "9"], v).is_err());
     }
 }
@@ -617,7 +629,11 @@ impl Node {
             }
             Kind::Ident(s) => out.push_str(s),
             Kind::Seq(items) | Kind::Tuple(_, items) => {
-                let (open, close) = if matches!(self.kind, Kind::Seq(_)) { ('[', ']') } else { ('(', ')') };
+                let (open, close) = if matches!(self.kind, Kind::Seq(_)) {
+                    ('[', ']')
+                } else {
+                    ('(', ')')
+                };
                 if let Kind::Tuple(Some(name), _) = &self.kind {
                     out.push_str(name);
                 }

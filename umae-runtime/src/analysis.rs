@@ -10,7 +10,9 @@ pub fn singular_values(rows: &[f32], n: usize, d: usize) -> Vec<f64> {
         let mut g = vec![0.0; n * n];
         for i in 0..n {
             for j in i..n {
-                let v: f64 = (0..d).map(|c| rows[i * d + c] as f64 * rows[j * d + c] as f64).sum();
+                let v: f64 = (0..d)
+                    .map(|c| rows[i * d + c] as f64 * rows[j * d + c] as f64)
+                    .sum();
                 g[i * n + j] = v;
                 g[j * n + i] = v;
             }
@@ -42,7 +44,10 @@ pub fn singular_values(rows: &[f32], n: usize, d: usize) -> Vec<f64> {
 fn jacobi_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
     let scale: f64 = a.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-300);
     for _sweep in 0..100 {
-        let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j].powi(2)).sum();
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * n + j].powi(2))
+            .sum();
         if off.sqrt() <= 1e-13 * scale {
             break;
         }
@@ -81,7 +86,12 @@ pub fn erank_of_spectrum(s: &[f64]) -> f64 {
     if total <= 0.0 {
         return 0.0;
     }
-    let h: f64 = s.iter().map(|v| v / total).filter(|p| *p > 0.0).map(|p| -p * p.ln()).sum();
+    let h: f64 = s
+        .iter()
+        .map(|v| v / total)
+        .filter(|p| *p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum();
     h.exp()
 }
 
@@ -108,7 +118,9 @@ mod tests {
     #[test]
     fn identity_has_full_rank() {
         let n = 6;
-        let rows: Vec<f32> = (0..n * n).map(|i| if i % (n + 1) == 0 { 1.0 } else { 0.0 }).collect();
+        let rows: Vec<f32> = (0..n * n)
+            .map(|i| if i % (n + 1) == 0 { 1.0 } else { 0.0 })
+            .collect();
         let s = singular_values(&rows, n, n);
         assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-9), "{s:?}");
         assert!((effective_rank(&rows, n, n) - 6.0).abs() < 1e-9);
@@ -116,7 +128,9 @@ mod tests {
 
     #[test]
     fn rank_one_has_rank_one() {
-        let rows: Vec<f32> = (0..8).flat_map(|i| [1.0 + i as f32, 2.0 * (1.0 + i as f32), 0.0]).collect();
+        let rows: Vec<f32> = (0..8)
+            .flat_map(|i| [1.0 + i as f32, 2.0 * (1.0 + i as f32), 0.0])
+            .collect();
         assert!((effective_rank(&rows, 8, 3) - 1.0).abs() < 1e-6);
     }
 
@@ -126,8 +140,13 @@ mod tests {
         let (n, d, k) = (40, 16, 3);
         let a: Vec<f64> = (0..n * k).map(|_| rng.normal()).collect();
         let b: Vec<f64> = (0..k * d).map(|_| rng.normal()).collect();
+        let (a, b) = (&a, &b);
         let rows: Vec<f32> = (0..n)
-            .flat_map(|i| (0..d).map(move |j| (0..k).map(|t| a[i * k + t] * b[t * d + j]).sum::<f64>() as f32).collect::<Vec<_>>())
+            .flat_map(|i| {
+                (0..d)
+                    .map(move |j| (0..k).map(|t| a[i * k + t] * b[t * d + j]).sum::<f64>() as f32)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let s = singular_values(&rows, n, d);
         assert!(s[k..].iter().all(|v| *v < 1e-3 * s[0]), "{s:?}");

@@ -30,13 +30,28 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Full training steps (mask, forward, backward, AdamW) after `warmup` untimed ones.
-pub fn bench(recipe: &Recipe, device: &Device, batch: usize, steps: usize, warmup: usize) -> Result<BenchResult, String> {
+pub fn bench(
+    recipe: &Recipe,
+    device: &Device,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<BenchResult, String> {
     let mut model = Model::build(recipe, device).map_err(|e| e.to_string())?;
     let mut opt = AdamW::new(recipe.optimizer.clone());
-    let mut norm = model.probe.as_ref().map(|_| ProbeNorm::new(model.encoder.dim(), device));
+    let mut norm = model
+        .probe
+        .as_ref()
+        .map(|_| ProbeNorm::new(model.encoder.dim(), device));
     let g = model.geometry;
-    let images = Tensor::<B, 4>::random([batch, g.channels, g.height, g.width], Distribution::Normal(0.0, 1.0), device);
-    let labels: Vec<i64> = (0..batch).map(|i| (i % recipe.data.num_classes) as i64).collect();
+    let images = Tensor::<B, 4>::random(
+        [batch, g.channels, g.height, g.width],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let labels: Vec<i64> = (0..batch)
+        .map(|i| (i % recipe.data.num_classes) as i64)
+        .collect();
     let mut rng = Rng::new(recipe.seed);
     let mut run = |model: &mut Model, n: usize| -> Result<(), String> {
         for _ in 0..n {
@@ -47,7 +62,7 @@ pub fn bench(recipe: &Recipe, device: &Device, batch: usize, steps: usize, warmu
             }
             opt.step(&mut model.trainables_mut(), 1e-4);
             // Read the loss, as the trainer does each step (this also waits for the device).
-            let loss: f32 = out.scalars.slice([0..1]).into_scalar();
+            let loss: f32 = out.scalars.narrow(0, 0, 1).into_scalar();
             if !loss.is_finite() {
                 return Err(format!("the loss became {loss} during the benchmark"));
             }

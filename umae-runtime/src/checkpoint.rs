@@ -21,12 +21,22 @@ pub struct HostTensor {
 
 impl HostTensor {
     pub fn from_inner(t: Tensor<Inner, 1>, shape: &[usize]) -> Self {
-        let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 tensor data");
-        HostTensor { shape: shape.to_vec(), data }
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 tensor data");
+        HostTensor {
+            shape: shape.to_vec(),
+            data,
+        }
     }
 
     pub fn to_inner(&self, device: &Device) -> Tensor<Inner, 1> {
-        Tensor::from_data(TensorData::new(self.data.clone(), [self.data.len()]), device)
+        Tensor::from_data(
+            TensorData::new(self.data.clone(), [self.data.len()]),
+            device,
+        )
     }
 }
 
@@ -45,13 +55,25 @@ pub struct State {
 pub fn write_safetensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> Result<(), String> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
-        .map(|(k, b, s)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
+        .map(|(k, b, s)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view"),
+            )
+        })
         .collect();
-    let out = safetensors::serialize(views, None).map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
+    let out = safetensors::serialize(views, None)
+        .map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
     fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
@@ -62,10 +84,24 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>, Stri
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(format!("{}: tensor `{name}` is {:?}, expected F32", path.display(), view.dtype()));
+            return Err(format!(
+                "{}: tensor `{name}` is {:?}, expected F32",
+                path.display(),
+                view.dtype()
+            ));
         }
-        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
     }
     Ok(out)
 }
@@ -75,7 +111,10 @@ pub fn collect_params(modules: &[(&'static str, &dyn Trainable)]) -> HashMap<Str
     let mut out = HashMap::new();
     for (prefix, m) in modules {
         m.visit_params(&mut |info, t| {
-            out.insert(format!("{prefix}.{}", info.path), HostTensor::from_inner(t, info.shape));
+            out.insert(
+                format!("{prefix}.{}", info.path),
+                HostTensor::from_inner(t, info.shape),
+            );
         });
     }
     out
@@ -95,7 +134,10 @@ pub fn load_params(
             match tensors.get(&k) {
                 Some(t) if t.shape == info.shape => t.to_inner(device),
                 Some(t) => {
-                    problems.push(format!("`{k}` has shape {:?} in the file, the model needs {:?}", t.shape, info.shape));
+                    problems.push(format!(
+                        "`{k}` has shape {:?} in the file, the model needs {:?}",
+                        t.shape, info.shape
+                    ));
                     current
                 }
                 None => {
@@ -112,14 +154,22 @@ pub fn load_params(
             "{} does not fit this model ({} problem(s)): {}{}",
             source.display(),
             problems.len(),
-            problems.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+            problems
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; "),
             if problems.len() > 5 { "; ..." } else { "" }
         ))
     }
 }
 
 /// Write `dir` atomically: fill `dir.tmp`, then rename.
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
+pub fn write_dir_atomic(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| format!("cannot clear {}: {e}", tmp.display()))?;
@@ -145,7 +195,8 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>, String> {
     if !pointer.exists() {
         return Ok(None);
     }
-    let name = fs::read_to_string(&pointer).map_err(|e| format!("cannot read {}: {e}", pointer.display()))?;
+    let name = fs::read_to_string(&pointer)
+        .map_err(|e| format!("cannot read {}: {e}", pointer.display()))?;
     let dir = run_dir.join("checkpoints").join(name.trim());
     if !dir.join("state.json").exists() {
         return Err(format!(

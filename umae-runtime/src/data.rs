@@ -35,6 +35,7 @@ pub trait Dataset: Send + Sync {
 }
 
 /// Images already decoded into memory (IDX, CIFAR, synthetic).
+#[derive(Debug)]
 pub struct InMemory {
     pub channels: usize,
     pub height: usize,
@@ -49,9 +50,17 @@ impl Dataset for InMemory {
     }
     fn get(&self, index: usize) -> Result<(Image, usize), String> {
         let n = self.channels * self.height * self.width;
-        let data = self.pixels[index * n..(index + 1) * n].iter().map(|&p| p as f32 / 255.0).collect();
+        let data = self.pixels[index * n..(index + 1) * n]
+            .iter()
+            .map(|&p| p as f32 / 255.0)
+            .collect();
         Ok((
-            Image { channels: self.channels, height: self.height, width: self.width, data },
+            Image {
+                channels: self.channels,
+                height: self.height,
+                width: self.width,
+                data,
+            },
             self.labels[index],
         ))
     }
@@ -87,18 +96,29 @@ fn be_u32(b: &[u8], at: usize) -> u32 {
 /// Parse IDX image and label files (the MNIST format).
 pub fn parse_idx(images: &[u8], labels: &[u8], what: &str) -> Result<InMemory, String> {
     if images.len() < 16 || be_u32(images, 0) != 0x0803 {
-        return Err(format!("{what}: not an IDX image file (magic 0x00000803 expected)"));
+        return Err(format!(
+            "{what}: not an IDX image file (magic 0x00000803 expected)"
+        ));
     }
     if labels.len() < 8 || be_u32(labels, 0) != 0x0801 {
-        return Err(format!("{what}: not an IDX label file (magic 0x00000801 expected)"));
+        return Err(format!(
+            "{what}: not an IDX label file (magic 0x00000801 expected)"
+        ));
     }
-    let (n, h, w) = (be_u32(images, 4) as usize, be_u32(images, 8) as usize, be_u32(images, 12) as usize);
+    let (n, h, w) = (
+        be_u32(images, 4) as usize,
+        be_u32(images, 8) as usize,
+        be_u32(images, 12) as usize,
+    );
     let nl = be_u32(labels, 4) as usize;
     if n != nl {
         return Err(format!("{what}: {n} images but {nl} labels"));
     }
     if images.len() != 16 + n * h * w {
-        return Err(format!("{what}: image file is truncated or padded: {} bytes for {n} images of {h}x{w}", images.len()));
+        return Err(format!(
+            "{what}: image file is truncated or padded: {} bytes for {n} images of {h}x{w}",
+            images.len()
+        ));
     }
     if labels.len() != 8 + n {
         return Err(format!("{what}: label file is truncated or padded"));
@@ -130,15 +150,27 @@ fn load_idx(root: &Path, split: Split) -> Result<InMemory, String> {
             root.display()
         ));
     };
-    parse_idx(&read_maybe_gz(&img)?, &read_maybe_gz(&lab)?, &img.display().to_string())
+    parse_idx(
+        &read_maybe_gz(&img)?,
+        &read_maybe_gz(&lab)?,
+        &img.display().to_string(),
+    )
 }
 
 /// Parse CIFAR binary records: `label_bytes` label bytes (1 for CIFAR-10, 2 for CIFAR-100,
 /// the fine label last) then 3x32x32 pixels.
-pub fn parse_cifar(bytes: &[u8], label_bytes: usize, what: &str, into: &mut InMemory) -> Result<(), String> {
+pub fn parse_cifar(
+    bytes: &[u8],
+    label_bytes: usize,
+    what: &str,
+    into: &mut InMemory,
+) -> Result<(), String> {
     let rec = label_bytes + 3072;
-    if bytes.is_empty() || bytes.len() % rec != 0 {
-        return Err(format!("{what}: {} bytes is not a whole number of {rec}-byte CIFAR records", bytes.len()));
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
+        return Err(format!(
+            "{what}: {} bytes is not a whole number of {rec}-byte CIFAR records",
+            bytes.len()
+        ));
     }
     for r in bytes.chunks_exact(rec) {
         into.labels.push(r[label_bytes - 1] as usize);
@@ -148,9 +180,17 @@ pub fn parse_cifar(bytes: &[u8], label_bytes: usize, what: &str, into: &mut InMe
 }
 
 fn load_cifar(root: &Path, split: Split) -> Result<InMemory, String> {
-    let mut out = InMemory { channels: 3, height: 32, width: 32, pixels: Vec::new(), labels: Vec::new() };
+    let mut out = InMemory {
+        channels: 3,
+        height: 32,
+        width: 32,
+        pixels: Vec::new(),
+        labels: Vec::new(),
+    };
     let c10: Vec<PathBuf> = match split {
-        Split::Train => (1..=5).map(|i| root.join(format!("data_batch_{i}.bin"))).collect(),
+        Split::Train => (1..=5)
+            .map(|i| root.join(format!("data_batch_{i}.bin")))
+            .collect(),
         Split::Eval => vec![root.join("test_batch.bin")],
     };
     let c100 = root.join(match split {
@@ -162,7 +202,12 @@ fn load_cifar(root: &Path, split: Split) -> Result<InMemory, String> {
             parse_cifar(&read_maybe_gz(p)?, 1, &p.display().to_string(), &mut out)?;
         }
     } else if c100.exists() {
-        parse_cifar(&read_maybe_gz(&c100)?, 2, &c100.display().to_string(), &mut out)?;
+        parse_cifar(
+            &read_maybe_gz(&c100)?,
+            2,
+            &c100.display().to_string(),
+            &mut out,
+        )?;
     } else {
         return Err(format!(
             "no CIFAR binary files in {}: expected data_batch_1..5.bin and test_batch.bin (CIFAR-10) \
@@ -196,9 +241,9 @@ impl ImageFolder {
                 .filter_map(|e| e.ok())
                 .map(|e| e.path())
                 .filter(|p| {
-                    p.extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+                    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                    })
                 })
                 .collect();
             entries.sort();
@@ -210,7 +255,11 @@ impl ImageFolder {
                 root.display()
             ));
         }
-        Ok(ImageFolder { files, classes, channels })
+        Ok(ImageFolder {
+            files,
+            classes,
+            channels,
+        })
     }
 }
 
@@ -220,10 +269,15 @@ impl Dataset for ImageFolder {
     }
     fn get(&self, index: usize) -> Result<(Image, usize), String> {
         let (path, label) = &self.files[index];
-        let img = image::open(path).map_err(|e| format!("cannot decode {}: {e}", path.display()))?;
+        let img =
+            image::open(path).map_err(|e| format!("cannot decode {}: {e}", path.display()))?;
         let (w, h) = (img.width() as usize, img.height() as usize);
         let data: Vec<f32> = if self.channels == 1 {
-            img.to_luma8().into_raw().into_iter().map(|p| p as f32 / 255.0).collect()
+            img.to_luma8()
+                .into_raw()
+                .into_iter()
+                .map(|p| p as f32 / 255.0)
+                .collect()
         } else {
             let rgb = img.to_rgb8().into_raw();
             // HWC -> CHW
@@ -235,7 +289,15 @@ impl Dataset for ImageFolder {
             }
             out
         };
-        Ok((Image { channels: self.channels, height: h, width: w, data }, *label))
+        Ok((
+            Image {
+                channels: self.channels,
+                height: h,
+                width: w,
+                data,
+            },
+            *label,
+        ))
     }
 }
 
@@ -253,14 +315,21 @@ pub fn synthetic(n: usize, channels: usize, size: usize, classes: usize, seed: u
                 for x in 0..size {
                     let u = (x as f64 / size as f64) * fx * std::f64::consts::TAU;
                     let v = (y as f64 / size as f64) * fy * std::f64::consts::TAU;
-                    let s = 0.5 + 0.35 * (u + v * (c as f64 + 1.0) + phase).sin() + 0.1 * rng.normal();
+                    let s =
+                        0.5 + 0.35 * (u + v * (c as f64 + 1.0) + phase).sin() + 0.1 * rng.normal();
                     pixels.push((s.clamp(0.0, 1.0) * 255.0) as u8);
                 }
             }
         }
         labels.push(label);
     }
-    InMemory { channels, height: size, width: size, pixels, labels }
+    InMemory {
+        channels,
+        height: size,
+        width: size,
+        pixels,
+        labels,
+    }
 }
 
 /// Open the dataset a recipe names, for one split.
@@ -274,7 +343,11 @@ pub fn open(spec: &DataSpec, split: Split, seed: u64) -> Result<Arc<dyn Dataset>
                 Split::Train => "train",
                 Split::Eval => "val",
             };
-            let dir = if root.join(sub).is_dir() { root.join(sub) } else { root.to_path_buf() };
+            let dir = if root.join(sub).is_dir() {
+                root.join(sub)
+            } else {
+                root.to_path_buf()
+            };
             Arc::new(ImageFolder::open(&dir, spec.channels)?)
         }
         DataFormat::Synthetic => {
@@ -283,7 +356,13 @@ pub fn open(spec: &DataSpec, split: Split, seed: u64) -> Result<Arc<dyn Dataset>
                 Split::Eval => spec.synthetic_size.div_ceil(4),
             };
             let s = seed ^ if split == Split::Eval { 0xE7A1 } else { 0 };
-            Arc::new(synthetic(n, spec.channels, spec.image_size, spec.num_classes, s))
+            Arc::new(synthetic(
+                n,
+                spec.channels,
+                spec.image_size,
+                spec.num_classes,
+                s,
+            ))
         }
     };
     if ds.is_empty() {
@@ -314,7 +393,15 @@ impl Dataset for Limited {
 }
 
 /// Bilinear sample of the crop `(x0, y0, cw, ch)` (in source pixels) to `size x size`.
-pub fn resized_crop(img: &Image, x0: f64, y0: f64, cw: f64, ch: f64, size: usize, flip: bool) -> Vec<f32> {
+pub fn resized_crop(
+    img: &Image,
+    x0: f64,
+    y0: f64,
+    cw: f64,
+    ch: f64,
+    size: usize,
+    flip: bool,
+) -> Vec<f32> {
     let (h, w) = (img.height, img.width);
     let mut out = vec![0.0f32; img.channels * size * size];
     for oy in 0..size {
@@ -363,7 +450,15 @@ pub fn random_resized_crop(img: &Image, size: usize, a: &AugmentSpec, rng: &mut 
     } else {
         (w, h)
     };
-    resized_crop(img, ((w - cw) / 2.0).floor(), ((h - ch) / 2.0).floor(), cw, ch, size, flip)
+    resized_crop(
+        img,
+        ((w - cw) / 2.0).floor(),
+        ((h - ch) / 2.0).floor(),
+        cw,
+        ch,
+        size,
+        flip,
+    )
 }
 
 /// Evaluation transform: images already at `size` pass unchanged; others are resized (shorter
@@ -391,12 +486,20 @@ pub struct Batch {
 pub fn normalization(spec: &DataSpec) -> (Vec<f32>, Vec<f32>) {
     let c = spec.channels;
     let mean = if spec.mean.is_empty() {
-        if c == 3 { vec![0.485, 0.456, 0.406] } else { vec![0.5; c] }
+        if c == 3 {
+            vec![0.485, 0.456, 0.406]
+        } else {
+            vec![0.5; c]
+        }
     } else {
         spec.mean.clone()
     };
     let std = if spec.std.is_empty() {
-        if c == 3 { vec![0.229, 0.224, 0.225] } else { vec![0.5; c] }
+        if c == 3 {
+            vec![0.229, 0.224, 0.225]
+        } else {
+            vec![0.5; c]
+        }
     } else {
         spec.std.clone()
     };
@@ -444,7 +547,9 @@ impl Pipeline {
                 ));
             }
             let px = match &self.augment {
-                Some(a) => random_resized_crop(&img, s, a, &mut Rng::derive(self.seed, &[epoch, i as u64])),
+                Some(a) => {
+                    random_resized_crop(&img, s, a, &mut Rng::derive(self.seed, &[epoch, i as u64]))
+                }
                 None => eval_transform(&img, s),
             };
             for (c, chunk) in px.chunks_exact(s * s).enumerate() {
@@ -452,7 +557,11 @@ impl Pipeline {
             }
             labels.push(label as i64);
         }
-        Ok(Batch { images, labels, n: indices.len() })
+        Ok(Batch {
+            images,
+            labels,
+            n: indices.len(),
+        })
     }
 }
 
@@ -468,8 +577,19 @@ pub struct Loader {
 impl Loader {
     /// Batches of `batch` images in the order `order` (a permutation or `0..n`), starting at batch
     /// `skip`. With `drop_last` a final short batch is left out.
-    pub fn start(pipeline: &Pipeline, order: Vec<usize>, batch: usize, drop_last: bool, epoch: u64, workers: usize) -> Loader {
-        let total = if drop_last { order.len() / batch } else { order.len().div_ceil(batch) };
+    pub fn start(
+        pipeline: &Pipeline,
+        order: Vec<usize>,
+        batch: usize,
+        drop_last: bool,
+        epoch: u64,
+        workers: usize,
+    ) -> Loader {
+        let total = if drop_last {
+            order.len() / batch
+        } else {
+            order.len().div_ceil(batch)
+        };
         let order = Arc::new(order);
         let workers = workers.max(1).min(total.max(1));
         let mut receivers = Vec::with_capacity(workers);
@@ -489,7 +609,11 @@ impl Loader {
             });
             receivers.push(rx);
         }
-        Loader { receivers, next: 0, total }
+        Loader {
+            receivers,
+            next: 0,
+            total,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -509,7 +633,10 @@ impl Iterator for Loader {
         }
         let rx = &self.receivers[self.next % self.receivers.len()];
         self.next += 1;
-        Some(rx.recv().unwrap_or_else(|_| Err("a data worker stopped unexpectedly".into())))
+        Some(
+            rx.recv()
+                .unwrap_or_else(|_| Err("a data worker stopped unexpectedly".into())),
+        )
     }
 }
 
@@ -537,7 +664,9 @@ mod tests {
         let (im, l) = ds.get(2).unwrap();
         assert_eq!((im.height, im.width, l), (4, 5, 2));
         assert_eq!(im.data[0], 40.0 / 255.0);
-        assert!(parse_idx(&img[..20], &lab, "t").unwrap_err().contains("truncated"));
+        assert!(parse_idx(&img[..20], &lab, "t")
+            .unwrap_err()
+            .contains("truncated"));
         assert!(parse_idx(&lab, &lab, "t").unwrap_err().contains("magic"));
     }
 
@@ -548,7 +677,13 @@ mod tests {
             bytes.push(label);
             bytes.extend(std::iter::repeat_n(label * 10, 3072));
         }
-        let mut ds = InMemory { channels: 3, height: 32, width: 32, pixels: vec![], labels: vec![] };
+        let mut ds = InMemory {
+            channels: 3,
+            height: 32,
+            width: 32,
+            pixels: vec![],
+            labels: vec![],
+        };
         parse_cifar(&bytes, 1, "t", &mut ds).unwrap();
         assert_eq!(ds.labels, vec![3, 7]);
         assert_eq!(ds.get(1).unwrap().0.data[100], 70.0 / 255.0);
@@ -557,7 +692,12 @@ mod tests {
 
     #[test]
     fn crop_of_whole_image_is_identity() {
-        let img = Image { channels: 1, height: 4, width: 4, data: (0..16).map(|v| v as f32).collect() };
+        let img = Image {
+            channels: 1,
+            height: 4,
+            width: 4,
+            data: (0..16).map(|v| v as f32).collect(),
+        };
         assert_eq!(resized_crop(&img, 0.0, 0.0, 4.0, 4.0, 4, false), img.data);
         let flipped = resized_crop(&img, 0.0, 0.0, 4.0, 4.0, 4, true);
         assert_eq!(&flipped[..4], &[3.0, 2.0, 1.0, 0.0]);
@@ -566,17 +706,27 @@ mod tests {
     #[test]
     fn loader_is_deterministic_and_complete() {
         let ds: Arc<dyn Dataset> = Arc::new(synthetic(37, 1, 8, 3, 1));
-        let spec = DataSpec { image_size: 8, channels: 1, ..Default::default() };
+        let spec = DataSpec {
+            image_size: 8,
+            channels: 1,
+            ..Default::default()
+        };
         let p = Pipeline::new(ds, &spec, true, 5);
         let order: Vec<usize> = Rng::new(1).permutation(37);
-        let a: Vec<Batch> = Loader::start(&p, order.clone(), 8, true, 0, 3).map(|b| b.unwrap()).collect();
-        let b: Vec<Batch> = Loader::start(&p, order.clone(), 8, true, 0, 1).map(|b| b.unwrap()).collect();
+        let a: Vec<Batch> = Loader::start(&p, order.clone(), 8, true, 0, 3)
+            .map(|b| b.unwrap())
+            .collect();
+        let b: Vec<Batch> = Loader::start(&p, order.clone(), 8, true, 0, 1)
+            .map(|b| b.unwrap())
+            .collect();
         assert_eq!(a.len(), 4);
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(x.images, y.images);
             assert_eq!(x.labels, y.labels);
         }
-        let all: Vec<Batch> = Loader::start(&p, order, 8, false, 0, 2).map(|b| b.unwrap()).collect();
+        let all: Vec<Batch> = Loader::start(&p, order, 8, false, 0, 2)
+            .map(|b| b.unwrap())
+            .collect();
         assert_eq!(all.iter().map(|b| b.n).sum::<usize>(), 37);
     }
 }

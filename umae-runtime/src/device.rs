@@ -33,24 +33,31 @@ fn cuda_device(index: usize) -> Result<Device, String> {
     let driver = std::path::Path::new("/proc/driver/nvidia/version").exists()
         || std::path::Path::new("/dev/nvidia0").exists();
     if !driver {
-        return Err("no NVIDIA driver found (/proc/driver/nvidia/version is missing): \
+        return Err(
+            "no NVIDIA driver found (/proc/driver/nvidia/version is missing): \
                     run on a machine with a GPU, or use --device cpu"
-            .into());
+                .into(),
+        );
     }
     let count = std::fs::read_dir("/dev")
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .filter(|e| {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    n.strip_prefix("nvidia").is_some_and(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_digit()))
+                    n.strip_prefix("nvidia")
+                        .is_some_and(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_digit()))
                 })
                 .count()
         })
         .unwrap_or(0);
     if count > 0 && index >= count {
-        return Err(format!("cuda:{index} does not exist: this machine has {count} GPU(s)"));
+        return Err(format!(
+            "cuda:{index} does not exist: this machine has {count} GPU(s)"
+        ));
     }
-    Ok(Device::Cuda(umae_api::burn::backend::cuda::CudaDevice::new(index)))
+    Ok(Device::Cuda(
+        umae_api::burn::backend::cuda::CudaDevice::new(index),
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]

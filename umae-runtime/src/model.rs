@@ -1,14 +1,15 @@
 //! Assembling a model from a recipe: plugins resolved by name, built in dependency order
 //! (encoder -> masker, target -> decoder -> regularizers), shapes checked between them.
 
-use umae_api::burn::prelude::Backend;
 use umae_api::burn::module::Module;
 use umae_api::burn::nn::Linear;
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::Tensor;
 use umae_api::recipe::{ComponentSpec, Recipe, RecipeError};
 use umae_api::registry::{self, Builder, PluginKind};
 use umae_api::{
-    burn, BuildContext, Decoder, Device, Encoder, Masker, PatchGeometry, PluginError, Regularizer, Target, Trainable, B,
+    burn, BuildContext, Decoder, Device, Encoder, Masker, PatchGeometry, PluginError, Regularizer,
+    Target, Trainable, B,
 };
 
 /// A regularizer with its weight (lambda).
@@ -37,12 +38,20 @@ pub struct Model {
     pub names: [String; 4],
 }
 
-fn plugin(kind: PluginKind, spec: &ComponentSpec, slot: &str) -> Result<&'static registry::Plugin, RecipeError> {
+fn plugin(
+    kind: PluginKind,
+    spec: &ComponentSpec,
+    slot: &str,
+) -> Result<&'static registry::Plugin, RecipeError> {
     registry::find(kind, &spec.plugin).ok_or_else(|| {
         let names = registry::names(kind);
         RecipeError {
             span: Some(spec.span.clone()),
-            message: format!("{slot}: no {kind} plugin named `{}` (available: {})", spec.plugin, names.join(", ")),
+            message: format!(
+                "{slot}: no {kind} plugin named `{}` (available: {})",
+                spec.plugin,
+                names.join(", ")
+            ),
             suggestion: umae_api::suggest::nearest(&spec.plugin, names),
         }
     })
@@ -52,7 +61,10 @@ fn plugin_error(slot: &str, spec: &ComponentSpec, e: PluginError) -> RecipeError
     let context = format!("{slot} `{}`: params", spec.plugin);
     match e {
         PluginError::Params(de) => RecipeError::from_de(&context, de),
-        PluginError::Invalid(m) => RecipeError::new(Some(spec.params.span.clone()), format!("{slot} `{}`: {m}", spec.plugin)),
+        PluginError::Invalid(m) => RecipeError::new(
+            Some(spec.params.span.clone()),
+            format!("{slot} `{}`: {m}", spec.plugin),
+        ),
     }
 }
 
@@ -72,23 +84,34 @@ impl Model {
             seed: recipe.seed,
         };
         let enc_spec = &recipe.encoder;
-        let Builder::Encoder(build_enc) = plugin(PluginKind::Encoder, enc_spec, "encoder")?.build else { unreachable!() };
-        let encoder = build_enc(&enc_spec.params, &ctx).map_err(|e| plugin_error("encoder", enc_spec, e))?;
+        let Builder::Encoder(build_enc) = plugin(PluginKind::Encoder, enc_spec, "encoder")?.build
+        else {
+            unreachable!()
+        };
+        let encoder =
+            build_enc(&enc_spec.params, &ctx).map_err(|e| plugin_error("encoder", enc_spec, e))?;
         ctx.geometry = Some(encoder.geometry());
         ctx.encoder_dim = encoder.dim();
 
         let m = &recipe.masker;
-        let Builder::Masker(build_m) = plugin(PluginKind::Masker, m, "masker")?.build else { unreachable!() };
+        let Builder::Masker(build_m) = plugin(PluginKind::Masker, m, "masker")?.build else {
+            unreachable!()
+        };
         let masker = build_m(&m.params, &ctx).map_err(|e| plugin_error("masker", m, e))?;
 
         let t = &recipe.target;
-        let Builder::Target(build_t) = plugin(PluginKind::Target, t, "target")?.build else { unreachable!() };
+        let Builder::Target(build_t) = plugin(PluginKind::Target, t, "target")?.build else {
+            unreachable!()
+        };
         let target = build_t(&t.params, &ctx).map_err(|e| plugin_error("target", t, e))?;
         ctx.target_dim = target.pred_dim();
 
         let dspec = &recipe.decoder;
-        let Builder::Decoder(build_d) = plugin(PluginKind::Decoder, dspec, "decoder")?.build else { unreachable!() };
-        let decoder = build_d(&dspec.params, &ctx).map_err(|e| plugin_error("decoder", dspec, e))?;
+        let Builder::Decoder(build_d) = plugin(PluginKind::Decoder, dspec, "decoder")?.build else {
+            unreachable!()
+        };
+        let decoder =
+            build_d(&dspec.params, &ctx).map_err(|e| plugin_error("decoder", dspec, e))?;
         if decoder.out_dim() != target.pred_dim() {
             return Err(RecipeError::new(
                 Some(dspec.span.clone()),
@@ -116,9 +139,16 @@ impl Model {
         for (i, r) in recipe.regularizers.iter().enumerate() {
             let slot = format!("regularizers[{i}]");
             let spec = &r.component;
-            let Builder::Regularizer(build_r) = plugin(PluginKind::Regularizer, spec, &slot)?.build else { unreachable!() };
+            let Builder::Regularizer(build_r) = plugin(PluginKind::Regularizer, spec, &slot)?.build
+            else {
+                unreachable!()
+            };
             let term = build_r(&spec.params, &ctx).map_err(|e| plugin_error(&slot, spec, e))?;
-            regularizers.push(WeightedRegularizer { name: spec.plugin.clone(), weight: r.weight, term });
+            regularizers.push(WeightedRegularizer {
+                name: spec.plugin.clone(),
+                weight: r.weight,
+                term,
+            });
         }
         let probe = recipe.eval.online_probe.then(|| Probe {
             head: burn::nn::LinearConfig::new(encoder.dim(), d.num_classes).init(device),
@@ -131,13 +161,21 @@ impl Model {
             target,
             regularizers,
             probe,
-            names: [m.plugin.clone(), enc_spec.plugin.clone(), dspec.plugin.clone(), t.plugin.clone()],
+            names: [
+                m.plugin.clone(),
+                enc_spec.plugin.clone(),
+                dspec.plugin.clone(),
+                t.plugin.clone(),
+            ],
         })
     }
 
     /// The trainable components with their checkpoint prefixes.
     pub fn trainables(&self) -> Vec<(&'static str, &dyn Trainable)> {
-        let mut v: Vec<(&'static str, &dyn Trainable)> = vec![("encoder", self.encoder.as_ref() as &dyn Trainable), ("decoder", self.decoder.as_ref() as &dyn Trainable)];
+        let mut v: Vec<(&'static str, &dyn Trainable)> = vec![
+            ("encoder", self.encoder.as_ref() as &dyn Trainable),
+            ("decoder", self.decoder.as_ref() as &dyn Trainable),
+        ];
         if let Some(p) = &self.probe {
             v.push(("probe", p as &dyn Trainable));
         }
@@ -145,7 +183,10 @@ impl Model {
     }
 
     pub fn trainables_mut(&mut self) -> Vec<(&'static str, &mut dyn Trainable)> {
-        let mut v: Vec<(&'static str, &mut dyn Trainable)> = vec![("encoder", self.encoder.as_mut() as &mut dyn Trainable), ("decoder", self.decoder.as_mut() as &mut dyn Trainable)];
+        let mut v: Vec<(&'static str, &mut dyn Trainable)> = vec![
+            ("encoder", self.encoder.as_mut() as &mut dyn Trainable),
+            ("decoder", self.decoder.as_mut() as &mut dyn Trainable),
+        ];
         if let Some(p) = &mut self.probe {
             v.push(("probe", p as &mut dyn Trainable));
         }
@@ -156,12 +197,24 @@ impl Model {
     pub fn report(&self) -> Report {
         Report {
             geometry: self.geometry,
-            encoder: (self.names[1].clone(), self.encoder.num_params(), self.encoder.fixed_params()),
-            decoder: (self.names[2].clone(), self.decoder.num_params(), self.decoder.fixed_params()),
+            encoder: (
+                self.names[1].clone(),
+                self.encoder.num_params(),
+                self.encoder.fixed_params(),
+            ),
+            decoder: (
+                self.names[2].clone(),
+                self.decoder.num_params(),
+                self.decoder.fixed_params(),
+            ),
             masker: self.names[0].clone(),
             target: (self.names[3].clone(), self.target.pred_dim()),
-            regularizers: self.regularizers.iter().map(|r| (r.name.clone(), r.weight)).collect(),
-            probe: self.probe.as_ref().map(|p| Trainable::num_params(p)),
+            regularizers: self
+                .regularizers
+                .iter()
+                .map(|r| (r.name.clone(), r.weight))
+                .collect(),
+            probe: self.probe.as_ref().map(Trainable::num_params),
         }
     }
 }
@@ -196,18 +249,52 @@ impl std::fmt::Display for Report {
         let g = &self.geometry;
         let (gh, gw) = g.grid();
         let n = |v: usize| group(v);
-        writeln!(f, "input    {}x{}x{} in {gh}x{gw} patches of {}px ({} values each)", g.channels, g.height, g.width, g.patch, g.patch_dim())?;
+        writeln!(
+            f,
+            "input    {}x{}x{} in {gh}x{gw} patches of {}px ({} values each)",
+            g.channels,
+            g.height,
+            g.width,
+            g.patch,
+            g.patch_dim()
+        )?;
         writeln!(f, "masker   {}", self.masker)?;
-        writeln!(f, "encoder  {:<12} {:>14} trainable  {:>12} fixed", self.encoder.0, n(self.encoder.1), n(self.encoder.2))?;
-        writeln!(f, "decoder  {:<12} {:>14} trainable  {:>12} fixed", self.decoder.0, n(self.decoder.1), n(self.decoder.2))?;
-        writeln!(f, "target   {:<12} {} values per patch", self.target.0, self.target.1)?;
+        writeln!(
+            f,
+            "encoder  {:<12} {:>14} trainable  {:>12} fixed",
+            self.encoder.0,
+            n(self.encoder.1),
+            n(self.encoder.2)
+        )?;
+        writeln!(
+            f,
+            "decoder  {:<12} {:>14} trainable  {:>12} fixed",
+            self.decoder.0,
+            n(self.decoder.1),
+            n(self.decoder.2)
+        )?;
+        writeln!(
+            f,
+            "target   {:<12} {} values per patch",
+            self.target.0, self.target.1
+        )?;
         for (name, w) in &self.regularizers {
             writeln!(f, "regular. {name:<12} weight {w:e}")?;
         }
         if let Some(p) = self.probe {
-            writeln!(f, "probe    linear       {:>14} trainable (online, on detached features)", n(p))?;
+            writeln!(
+                f,
+                "probe    linear       {:>14} trainable (online, on detached features)",
+                n(p)
+            )?;
         }
-        writeln!(f, "total    {:>27} trainable  {:>12} fixed  ({} with fixed)", n(self.trainable()), n(self.fixed()), n(self.trainable() + self.fixed()))
+        writeln!(
+            f,
+            "total    {:>27} trainable  {:>12} fixed  ({} with fixed)",
+            n(self.trainable()),
+            n(self.fixed()),
+            n(self.trainable() + self.fixed())
+        )
     }
 }
 
@@ -216,7 +303,7 @@ pub fn group(v: usize) -> String {
     let s = v.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -225,6 +312,14 @@ pub fn group(v: usize) -> String {
 }
 
 /// Images `[n, C, S, S]` from host values.
-pub fn images_tensor(values: Vec<f32>, n: usize, g: &PatchGeometry, device: &Device) -> Tensor<B, 4> {
-    Tensor::from_data(burn::tensor::TensorData::new(values, [n, g.channels, g.height, g.width]), device)
+pub fn images_tensor(
+    values: Vec<f32>,
+    n: usize,
+    g: &PatchGeometry,
+    device: &Device,
+) -> Tensor<B, 4> {
+    Tensor::from_data(
+        burn::tensor::TensorData::new(values, [n, g.channels, g.height, g.width]),
+        device,
+    )
 }

@@ -35,7 +35,13 @@ fn key(prefix: &str, path: &str) -> String {
 
 impl AdamW {
     pub fn new(spec: OptimizerSpec) -> Self {
-        AdamW { spec, step: 0, m: HashMap::new(), v: HashMap::new(), acc: HashMap::new() }
+        AdamW {
+            spec,
+            step: 0,
+            m: HashMap::new(),
+            v: HashMap::new(),
+            acc: HashMap::new(),
+        }
     }
 
     /// Add this backward pass's gradients of one component to the accumulator.
@@ -52,7 +58,11 @@ impl AdamW {
 
     /// The global L2 norm of the accumulated gradients (one host read).
     pub fn grad_norm(&self) -> f64 {
-        let parts: Vec<Tensor<Inner, 1>> = self.acc.values().map(|g| g.clone().powf_scalar(2.0).sum()).collect();
+        let parts: Vec<Tensor<Inner, 1>> = self
+            .acc
+            .values()
+            .map(|g| g.clone().powf_scalar(2.0).sum())
+            .collect();
         if parts.is_empty() {
             return 0.0;
         }
@@ -69,7 +79,11 @@ impl AdamW {
         let scale = match self.spec.clip_grad {
             Some(max) => {
                 let norm = self.grad_norm();
-                if norm > max { max / (norm + 1e-6) } else { 1.0 }
+                if norm > max {
+                    max / (norm + 1e-6)
+                } else {
+                    1.0
+                }
             }
             None => 1.0,
         };
@@ -92,7 +106,11 @@ impl AdamW {
                     Some(v) => v * b2 + g.powf_scalar(2.0) * (1.0 - b2),
                     None => g.powf_scalar(2.0) * (1.0 - b2),
                 };
-                let decayed = if info.decays() && wd > 0.0 { p.clone() - p * (lr * wd) } else { p };
+                let decayed = if info.decays() && wd > 0.0 {
+                    p.clone() - p * (lr * wd)
+                } else {
+                    p
+                };
                 let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + eps);
                 self.m.insert(k.clone(), m);
                 self.v.insert(k, v);
@@ -109,13 +127,19 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_follows_half_cosine() {
-        let s = ScheduleSpec { warmup_epochs: 10.0, min_lr: 0.0 };
+        let s = ScheduleSpec {
+            warmup_epochs: 10.0,
+            min_lr: 0.0,
+        };
         assert_eq!(learning_rate(0.0, 1.0, &s, 100.0), 0.0);
         assert!((learning_rate(5.0, 1.0, &s, 100.0) - 0.5).abs() < 1e-12);
         assert!((learning_rate(10.0, 1.0, &s, 100.0) - 1.0).abs() < 1e-12);
         assert!((learning_rate(55.0, 1.0, &s, 100.0) - 0.5).abs() < 1e-12);
         assert!(learning_rate(100.0, 1.0, &s, 100.0).abs() < 1e-12);
-        let s = ScheduleSpec { warmup_epochs: 0.0, min_lr: 0.1 };
+        let s = ScheduleSpec {
+            warmup_epochs: 0.0,
+            min_lr: 0.1,
+        };
         assert!((learning_rate(0.0, 1.0, &s, 10.0) - 1.0).abs() < 1e-12);
         assert!((learning_rate(10.0, 1.0, &s, 10.0) - 0.1).abs() < 1e-12);
     }

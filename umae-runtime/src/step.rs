@@ -17,7 +17,10 @@ pub struct ProbeNorm {
 
 impl ProbeNorm {
     pub fn new(dim: usize, device: &Device) -> Self {
-        ProbeNorm { mean: Tensor::zeros([dim], device), var: Tensor::ones([dim], device) }
+        ProbeNorm {
+            mean: Tensor::zeros([dim], device),
+            var: Tensor::ones([dim], device),
+        }
     }
 }
 
@@ -29,7 +32,12 @@ pub struct StepOutput {
 }
 
 /// Probe logits with BatchNorm (batch statistics in training, running ones otherwise).
-pub fn probe_logits(model: &Model, norm: &mut ProbeNorm, features: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+pub fn probe_logits(
+    model: &Model,
+    norm: &mut ProbeNorm,
+    features: Tensor<B, 2>,
+    train: bool,
+) -> Tensor<B, 2> {
     let probe = model.probe.as_ref().expect("probe enabled");
     let f = features.detach();
     let [_, d] = f.dims();
@@ -79,8 +87,15 @@ pub fn forward_backward(
         (Some(norm), Some(_)) => {
             let logits = probe_logits(model, norm, encoded.pooled.clone(), true);
             let y = labels_tensor(labels, &device);
-            let ce = CrossEntropyLossConfig::new().init(&device).forward(logits.clone(), y.clone());
-            let correct = logits.argmax(1).reshape([labels.len()]).equal(y).float().sum();
+            let ce = CrossEntropyLossConfig::new()
+                .init(&device)
+                .forward(logits.clone(), y.clone());
+            let correct = logits
+                .argmax(1)
+                .reshape([labels.len()])
+                .equal(y)
+                .float()
+                .sum();
             total = total + ce.clone();
             scalars.push(ce);
             scalars.push(correct);

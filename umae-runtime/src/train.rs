@@ -51,7 +51,9 @@ impl Metrics {
 
     /// Drop rows written after `step` (by a run that stopped before its next checkpoint).
     fn truncate_after(&self, step: u64) -> Result<(), String> {
-        let Ok(text) = fs::read_to_string(&self.path) else { return Ok(()) };
+        let Ok(text) = fs::read_to_string(&self.path) else {
+            return Ok(());
+        };
         let kept: String = text
             .lines()
             .filter(|l| {
@@ -67,7 +69,13 @@ impl Metrics {
 }
 
 /// Features (pooled, without masking) and labels of up to `limit` images of a dataset.
-pub fn extract_features(model: &Model, pipeline: &Pipeline, limit: usize, batch: usize, device: &Device) -> Result<(Vec<f32>, Vec<i64>, usize), String> {
+pub fn extract_features(
+    model: &Model,
+    pipeline: &Pipeline,
+    limit: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, Vec<i64>, usize), String> {
     let n = limit.min(pipeline.dataset.len());
     let mut feats = Vec::new();
     let mut labels = Vec::new();
@@ -77,37 +85,75 @@ pub fn extract_features(model: &Model, pipeline: &Pipeline, limit: usize, batch:
         let x = images_tensor(b.images, b.n, &model.geometry, device);
         let out = model.encoder.forward(x, None);
         dim = out.pooled.dims()[1];
-        feats.extend(out.pooled.detach().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"))?);
+        feats.extend(
+            out.pooled
+                .detach()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .map_err(|e| format!("{e:?}"))?,
+        );
         labels.extend(b.labels);
     }
     Ok((feats, labels, dim))
 }
 
-fn evaluate_probe(model: &Model, norm: &mut ProbeNorm, pipeline: &Pipeline, batch: usize, device: &Device) -> Result<f64, String> {
+fn evaluate_probe(
+    model: &Model,
+    norm: &mut ProbeNorm,
+    pipeline: &Pipeline,
+    batch: usize,
+    device: &Device,
+) -> Result<f64, String> {
     let mut correct = 0.0;
     let mut total = 0usize;
-    for b in Loader::start(pipeline, (0..pipeline.dataset.len()).collect(), batch, false, 0, 2) {
+    for b in Loader::start(
+        pipeline,
+        (0..pipeline.dataset.len()).collect(),
+        batch,
+        false,
+        0,
+        2,
+    ) {
         let b = b?;
         let x = images_tensor(b.images, b.n, &model.geometry, device);
         let out = model.encoder.forward(x, None);
         let logits = probe_logits(model, norm, out.pooled, false);
         let y = crate::step::labels_tensor(&b.labels, device);
-        let c: f32 = logits.argmax(1).reshape([b.n]).equal(y).float().sum().into_scalar();
+        let c: f32 = logits
+            .argmax(1)
+            .reshape([b.n])
+            .equal(y)
+            .float()
+            .sum()
+            .into_scalar();
         correct += c as f64;
         total += b.n;
     }
     Ok(correct / total.max(1) as f64)
 }
 
-fn save_checkpoint(run_dir: &Path, model: &Model, norm: &Option<ProbeNorm>, opt: &AdamW, state: &State) -> Result<(), String> {
+fn save_checkpoint(
+    run_dir: &Path,
+    model: &Model,
+    norm: &Option<ProbeNorm>,
+    opt: &AdamW,
+    state: &State,
+) -> Result<(), String> {
     let name = format!("epoch-{:04}", state.epoch);
     let dir = run_dir.join("checkpoints").join(&name);
     checkpoint::write_dir_atomic(&dir, |tmp| {
         let mut weights = checkpoint::collect_params(&model.trainables());
         if let Some(n) = norm {
             let d = n.mean.dims()[0];
-            weights.insert("probe_bn.mean".into(), HostTensor::from_inner(n.mean.clone(), &[d]));
-            weights.insert("probe_bn.var".into(), HostTensor::from_inner(n.var.clone(), &[d]));
+            weights.insert(
+                "probe_bn.mean".into(),
+                HostTensor::from_inner(n.mean.clone(), &[d]),
+            );
+            weights.insert(
+                "probe_bn.var".into(),
+                HostTensor::from_inner(n.var.clone(), &[d]),
+            );
         }
         checkpoint::write_safetensors(&tmp.join("model.safetensors"), &weights)?;
         let mut moments = std::collections::HashMap::new();
@@ -126,10 +172,21 @@ fn save_checkpoint(run_dir: &Path, model: &Model, norm: &Option<ProbeNorm>, opt:
     checkpoint::write_file_atomic(&run_dir.join("checkpoints").join("latest"), &name)
 }
 
-fn load_checkpoint(dir: &Path, model: &mut Model, norm: &mut Option<ProbeNorm>, opt: &mut AdamW, device: &Device) -> Result<State, String> {
+fn load_checkpoint(
+    dir: &Path,
+    model: &mut Model,
+    norm: &mut Option<ProbeNorm>,
+    opt: &mut AdamW,
+    device: &Device,
+) -> Result<State, String> {
     let state = checkpoint::read_state(dir)?;
     let weights = checkpoint::read_safetensors(&dir.join("model.safetensors"))?;
-    checkpoint::load_params(&mut model.trainables_mut(), &weights, device, &dir.join("model.safetensors"))?;
+    checkpoint::load_params(
+        &mut model.trainables_mut(),
+        &weights,
+        device,
+        &dir.join("model.safetensors"),
+    )?;
     if let Some(n) = norm {
         if let (Some(m), Some(v)) = (weights.get("probe_bn.mean"), weights.get("probe_bn.var")) {
             n.mean = m.to_inner(device);
@@ -160,32 +217,55 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             run_dir.display()
         ));
     }
-    fs::create_dir_all(run_dir.join("checkpoints")).map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    fs::create_dir_all(run_dir.join("checkpoints"))
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
     if !opts.resume {
         checkpoint::write_file_atomic(&run_dir.join("recipe.ron"), &recipe.tree.to_ron())?;
     }
 
     let train_set: Arc<dyn Dataset> = data::open(&recipe.data, Split::Train, recipe.seed)?;
     let needs_eval = recipe.eval.online_probe || recipe.eval.erank_samples > 0;
-    let eval_set = if needs_eval { Some(data::open(&recipe.data, Split::Eval, recipe.seed)?) } else { None };
+    let eval_set = if needs_eval {
+        Some(data::open(&recipe.data, Split::Eval, recipe.seed)?)
+    } else {
+        None
+    };
     let train_pipe = Pipeline::new(train_set.clone(), &recipe.data, true, recipe.seed);
     let eval_pipe = eval_set.map(|d| Pipeline::new(d, &recipe.data, false, recipe.seed));
 
     let mut model = Model::build(recipe, device).map_err(|e| e.to_string())?;
     let mut opt = AdamW::new(recipe.optimizer.clone());
-    let mut norm = model.probe.as_ref().map(|_| ProbeNorm::new(model.encoder.dim(), device));
-    let metrics = Metrics { path: run_dir.join("metrics.jsonl") };
+    let mut norm = model
+        .probe
+        .as_ref()
+        .map(|_| ProbeNorm::new(model.encoder.dim(), device));
+    let metrics = Metrics {
+        path: run_dir.join("metrics.jsonl"),
+    };
 
-    let mut state = State { epoch: 0, step: 0, rng: Rng::derive(recipe.seed, &[0x4D41_534B]), umae_version: env!("CARGO_PKG_VERSION").into() };
+    let mut state = State {
+        epoch: 0,
+        step: 0,
+        rng: Rng::derive(recipe.seed, &[0x4D41_534B]),
+        umae_version: env!("CARGO_PKG_VERSION").into(),
+    };
     if opts.resume {
         match &existing {
             Some(dir) => {
                 state = load_checkpoint(dir, &mut model, &mut norm, &mut opt, device)?;
                 metrics.truncate_after(state.step)?;
-                tracing::info!("resuming {} after epoch {} (step {})", run_dir.display(), state.epoch, state.step);
+                tracing::info!(
+                    "resuming {} after epoch {} (step {})",
+                    run_dir.display(),
+                    state.epoch,
+                    state.step
+                );
             }
             None => {
-                return Err(format!("{} has no checkpoint to resume from: start it with `umae run` instead", run_dir.display()));
+                return Err(format!(
+                    "{} has no checkpoint to resume from: start it with `umae run` instead",
+                    run_dir.display()
+                ));
             }
         }
     }
@@ -208,7 +288,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         .chain(["probe.loss".to_string(), "probe.correct".to_string()])
         .collect();
     let tty = std::io::stderr().is_terminal();
-    let mut summary = Summary { epochs, steps: state.step, ..Default::default() };
+    let mut summary = Summary {
+        epochs,
+        steps: state.step,
+        ..Default::default()
+    };
     tracing::info!(
         "training {} for {epochs} epochs, {steps_per_epoch} steps/epoch, effective batch {}, peak lr {peak:.3e}",
         recipe.name, batch * accum
@@ -218,10 +302,23 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         let t0 = Instant::now();
         let order = Rng::derive(recipe.seed, &[epoch as u64, 0xDA7A]).permutation(train_set.len());
         let order = order[..steps_per_epoch * accum * batch].to_vec();
-        let mut loader = Loader::start(&train_pipe, order, batch, true, epoch as u64, recipe.data.workers);
+        let mut loader = Loader::start(
+            &train_pipe,
+            order,
+            batch,
+            true,
+            epoch as u64,
+            recipe.data.workers,
+        );
         let bar = tty.then(|| {
             let b = indicatif::ProgressBar::new(steps_per_epoch as u64);
-            b.set_style(indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})").unwrap().progress_chars("=> "));
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
+                )
+                .unwrap()
+                .progress_chars("=> "),
+            );
             b.set_prefix(format!("{}/{epochs}", epoch + 1));
             b
         });
@@ -230,18 +327,37 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         let mut window_start = Instant::now();
         let mut window_images = 0usize;
         for s in 0..steps_per_epoch {
-            let lr = learning_rate(epoch as f64 + s as f64 / steps_per_epoch as f64, peak, &recipe.schedule, epochs as f64);
+            let lr = learning_rate(
+                epoch as f64 + s as f64 / steps_per_epoch as f64,
+                peak,
+                &recipe.schedule,
+                epochs as f64,
+            );
             let mut step_sums = vec![0.0f64; names.len()];
             for _ in 0..accum {
-                let b = loader.next().expect("loader yields steps_per_epoch * accum batches")?;
+                let b = loader
+                    .next()
+                    .expect("loader yields steps_per_epoch * accum batches")?;
                 let images = images_tensor(b.images, b.n, &model.geometry, device);
                 let plan = model.masker.sample(&model.geometry, b.n, &mut state.rng);
                 let mask = plan.to_device(device);
-                let out = forward_backward(&model, norm.as_mut(), images, &b.labels, &mask, accum as f64);
+                let out = forward_backward(
+                    &model,
+                    norm.as_mut(),
+                    images,
+                    &b.labels,
+                    &mask,
+                    accum as f64,
+                );
                 for (prefix, m) in model.trainables() {
                     opt.accumulate(prefix, m, &out.grads);
                 }
-                let vals: Vec<f32> = out.scalars.into_data().convert::<f32>().to_vec().map_err(|e| format!("{e:?}"))?;
+                let vals: Vec<f32> = out
+                    .scalars
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .map_err(|e| format!("{e:?}"))?;
                 if !vals[0].is_finite() {
                     return Err(format!(
                         "the loss became {} at epoch {} step {}: the run stops here and its last checkpoint is kept; lower the learning rate (optimizer.blr) or set optimizer.clip_grad",
@@ -264,7 +380,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 bar.set_message(format!("loss {:.4} lr {lr:.2e}", per(0)));
                 bar.inc(1);
             }
-            if state.step % recipe.train.log_every as u64 == 0 || s + 1 == steps_per_epoch {
+            if state.step.is_multiple_of(recipe.train.log_every as u64) || s + 1 == steps_per_epoch
+            {
                 let secs = window_start.elapsed().as_secs_f64();
                 let ips = window_images as f64 / secs.max(1e-9);
                 let mut row = serde_json::Map::new();
@@ -275,7 +392,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 for (i, n) in names.iter().enumerate().take(names.len() - 1) {
                     row.insert(n.clone(), json!(per(i)));
                 }
-                row.insert("probe.train_acc".into(), json!(step_sums[names.len() - 1] / (batch * accum) as f64));
+                row.insert(
+                    "probe.train_acc".into(),
+                    json!(step_sums[names.len() - 1] / (batch * accum) as f64),
+                );
                 row.insert("images_per_s".into(), json!(ips));
                 metrics.write(serde_json::Value::Object(row))?;
                 if bar.is_none() {
@@ -299,7 +419,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         }
         summary.last_target_loss = sums[1] / steps / accum as f64;
         if norm.is_some() {
-            row.insert("probe.train_acc".into(), json!(sums[names.len() - 1] / seen as f64));
+            row.insert(
+                "probe.train_acc".into(),
+                json!(sums[names.len() - 1] / seen as f64),
+            );
         }
         if let (Some(n), Some(p)) = (norm.as_mut(), &eval_pipe) {
             let acc = evaluate_probe(&model, n, p, batch, device)?;
@@ -316,9 +439,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         let secs = t0.elapsed().as_secs_f64();
         row.insert("seconds".into(), json!(secs));
         row.insert("images_per_s".into(), json!(seen as f64 / secs));
-        tracing::info!("epoch {}/{epochs} done in {secs:.1}s: {}", epoch + 1, serde_json::Value::Object(row.clone()));
+        tracing::info!(
+            "epoch {}/{epochs} done in {secs:.1}s: {}",
+            epoch + 1,
+            serde_json::Value::Object(row.clone())
+        );
         metrics.write(serde_json::Value::Object(row))?;
-        if state.epoch % recipe.train.checkpoint_every == 0 || state.epoch == epochs {
+        if state.epoch.is_multiple_of(recipe.train.checkpoint_every) || state.epoch == epochs {
             save_checkpoint(run_dir, &model, &norm, &opt, &state)?;
         }
     }

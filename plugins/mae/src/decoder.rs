@@ -1,7 +1,7 @@
 use umae_api::burn;
-use umae_api::burn::prelude::Backend;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, Linear};
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
 use umae_api::{BuildContext, DecoderModule, EncoderOutput, Mask, MaskMode, PluginError, B};
 use umae_plugin_vit::nn::{gather_tokens, layer_norm, linear, linear3, sincos_2d, Block};
@@ -47,16 +47,24 @@ fn build(p: &MaeDecoderParams, ctx: &BuildContext) -> Result<MaeDecoder<B>, Plug
         )));
     }
     if ctx.encoder_dim == 0 || ctx.target_dim == 0 {
-        return Err(PluginError::Invalid("the encoder and target must be built first".into()));
+        return Err(PluginError::Invalid(
+            "the encoder and target must be built first".into(),
+        ));
     }
     let device = &ctx.device;
     let (gh, gw) = g.grid();
     let pos = sincos_2d(dim, gh, gw, 1);
     Ok(MaeDecoder {
         embed: linear(ctx.encoder_dim, dim, device),
-        mask_token: Param::from_tensor(Tensor::random([dim], Distribution::Normal(0.0, 0.02), device)),
+        mask_token: Param::from_tensor(Tensor::random(
+            [dim],
+            Distribution::Normal(0.0, 0.02),
+            device,
+        )),
         pos_embed: Tensor::from_data(TensorData::new(pos, [1 + g.num_patches(), dim]), device),
-        blocks: (0..p.depth).map(|_| Block::new(dim, heads, p.mlp_ratio, device)).collect(),
+        blocks: (0..p.depth)
+            .map(|_| Block::new(dim, heads, p.mlp_ratio, device))
+            .collect(),
         norm: layer_norm(dim, device),
         pred: linear(dim, ctx.target_dim, device),
         dim,
@@ -76,13 +84,20 @@ impl DecoderModule for MaeDecoder<B> {
             patches
         } else {
             let missing = n - (t - prefix);
-            let tokens = self.mask_token.val().reshape([1, 1, d]).expand([b, missing, d]);
-            gather_tokens(Tensor::cat(vec![patches, tokens], 1), mask.ids_restore.clone())
+            let tokens = self
+                .mask_token
+                .val()
+                .reshape([1, 1, d])
+                .expand([b, missing, d]);
+            gather_tokens(
+                Tensor::cat(vec![patches, tokens], 1),
+                mask.ids_restore.clone(),
+            )
         };
         // Class tokens keep the first position embedding slot (zeros).
         let cls = x.slice([0..b, 0..prefix]);
-        let pos_cls = self.pos_embed.clone().slice([0..1]).reshape([1, 1, d]);
-        let pos = self.pos_embed.clone().slice([1..1 + n]).reshape([1, n, d]);
+        let pos_cls = self.pos_embed.clone().narrow(0, 0, 1).reshape([1, 1, d]);
+        let pos = self.pos_embed.clone().narrow(0, 1, n).reshape([1, n, d]);
         let mut y = Tensor::cat(vec![cls + pos_cls, patches + pos], 1);
         for block in &self.blocks {
             y = block.forward(y);

@@ -34,7 +34,10 @@ impl Masker for RandomMasker {
 
 fn build(p: &RandomParams, _ctx: &BuildContext) -> Result<RandomMasker, PluginError> {
     if !(0.0..1.0).contains(&p.ratio) {
-        return Err(PluginError::Invalid(format!("ratio must be in [0, 1), found {}", p.ratio)));
+        return Err(PluginError::Invalid(format!(
+            "ratio must be in [0, 1), found {}",
+            p.ratio
+        )));
     }
     Ok(RandomMasker { ratio: p.ratio })
 }

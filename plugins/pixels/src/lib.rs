@@ -87,7 +87,11 @@ impl Target for Pixels {
 }
 
 fn build(p: &PixelsParams, ctx: &BuildContext) -> Result<Pixels, PluginError> {
-    Ok(Pixels { geometry: ctx.geometry()?, norm_pix: p.norm_pix, loss: p.loss })
+    Ok(Pixels {
+        geometry: ctx.geometry()?,
+        norm_pix: p.norm_pix,
+        loss: p.loss,
+    })
 }
 
 umae_api::register!(
@@ -117,28 +121,51 @@ mod tests {
         let p = patchify_hwc(x.clone(), 2);
         assert_eq!(p.dims(), [3, 4, 8]);
         let back = unpatchify_hwc(p.clone(), &g);
-        back.into_data().assert_approx_eq::<f32>(&x.clone().into_data(), Default::default());
+        back.into_data()
+            .assert_approx_eq::<f32>(&x.clone().into_data(), Default::default());
         // patch 1 (row 0, col 1), element (r=1, c=0, ch=1) = x[0, 1, 1, 2]
         let v: Vec<f32> = p.slice([0..1, 1..2]).into_data().to_vec().unwrap();
-        let want: Vec<f32> = x.slice([0..1, 1..2, 1..2, 2..3]).into_data().to_vec().unwrap();
-        assert_eq!(v[(2 + 0) * 2 + 1], want[0]);
+        let want: Vec<f32> = x
+            .slice([0..1, 1..2, 1..2, 2..3])
+            .into_data()
+            .to_vec()
+            .unwrap();
+        // index = (r * p + c) * C + ch = (1 * 2 + 0) * 2 + 1
+        assert_eq!(v[5], want[0]);
     }
 
     #[test]
     fn loss_averages_hidden_patches_only() {
         let d = device();
         let g = PatchGeometry::new(1, 2, 4, 2).unwrap();
-        let t = Pixels { geometry: g, norm_pix: false, loss: Loss::Mse };
+        let t = Pixels {
+            geometry: g,
+            norm_pix: false,
+            loss: Loss::Mse,
+        };
         let images = Tensor::<B, 4>::zeros([1, 1, 2, 4], &d);
         // Patch 0 predicted 1 everywhere (error 1), patch 1 predicted 3 (error 9).
-        let pred = Tensor::<B, 3>::from_data(TensorData::new(vec![1.0f32, 1., 1., 1., 3., 3., 3., 3.], [1, 2, 4]), &d);
-        let only_second = MaskPlan::from_flags(&[vec![false, true]]).unwrap().to_device(&d);
-        let l: f32 = t.loss(&images, pred.clone(), &only_second).into_scalar().elem();
+        let pred = Tensor::<B, 3>::from_data(
+            TensorData::new(vec![1.0f32, 1., 1., 1., 3., 3., 3., 3.], [1, 2, 4]),
+            &d,
+        );
+        let only_second = MaskPlan::from_flags(&[vec![false, true]])
+            .unwrap()
+            .to_device(&d);
+        let l: f32 = t
+            .loss(&images, pred.clone(), &only_second)
+            .into_scalar()
+            .elem();
         assert!((l - 9.0).abs() < 1e-6, "{l}");
-        let both = MaskPlan::from_flags(&[vec![true, true]]).unwrap().to_device(&d);
+        let both = MaskPlan::from_flags(&[vec![true, true]])
+            .unwrap()
+            .to_device(&d);
         let l: f32 = t.loss(&images, pred.clone(), &both).into_scalar().elem();
         assert!((l - 5.0).abs() < 1e-6, "{l}");
-        let l1 = Pixels { loss: Loss::L1, ..t };
+        let l1 = Pixels {
+            loss: Loss::L1,
+            ..t
+        };
         let l: f32 = l1.loss(&images, pred, &both).into_scalar().elem();
         assert!((l - 2.0).abs() < 1e-6, "{l}");
     }
@@ -147,8 +174,13 @@ mod tests {
     fn norm_pix_standardises_each_patch() {
         let d = device();
         let g = PatchGeometry::new(1, 2, 2, 2).unwrap();
-        let t = Pixels { geometry: g, norm_pix: true, loss: Loss::Mse };
-        let x = Tensor::<B, 4>::from_data(TensorData::new(vec![1.0f32, 2., 3., 4.], [1, 1, 2, 2]), &d);
+        let t = Pixels {
+            geometry: g,
+            norm_pix: true,
+            loss: Loss::Mse,
+        };
+        let x =
+            Tensor::<B, 4>::from_data(TensorData::new(vec![1.0f32, 2., 3., 4.], [1, 1, 2, 2]), &d);
         let v: Vec<f32> = t.target(&x).into_data().to_vec().unwrap();
         // mean 2.5, unbiased var 5/3
         let s = (5.0f32 / 3.0 + 1e-6).sqrt();

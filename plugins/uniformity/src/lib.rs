@@ -41,13 +41,23 @@ pub fn features(encoded: &EncoderOutput, feature: Feature) -> Tensor<B, 2> {
     match feature {
         Feature::Cls if p > 0 => encoded.tokens.clone().slice([0..b, 0..1]).reshape([b, d]),
         Feature::Cls => encoded.pooled.clone(),
-        Feature::Mean => encoded.tokens.clone().slice([0..b, p..t]).mean_dim(1).reshape([b, d]),
+        Feature::Mean => encoded
+            .tokens
+            .clone()
+            .slice([0..b, p..t])
+            .mean_dim(1)
+            .reshape([b, d]),
     }
 }
 
 /// Row-wise L2 normalisation (with PyTorch's `F.normalize` epsilon 1e-12).
 pub fn l2_normalize(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+    let norm = x
+        .clone()
+        .powf_scalar(2.0)
+        .sum_dim(1)
+        .sqrt()
+        .clamp_min(1e-12);
     x / norm
 }
 
@@ -67,9 +77,15 @@ impl Regularizer for Uniformity {
 
 fn build(p: &UniformityParams, _ctx: &BuildContext) -> Result<Uniformity, PluginError> {
     if !(p.tau > 0.0 && p.tau.is_finite()) {
-        return Err(PluginError::Invalid(format!("tau must be > 0, found {}", p.tau)));
+        return Err(PluginError::Invalid(format!(
+            "tau must be > 0, found {}",
+            p.tau
+        )));
     }
-    Ok(Uniformity { tau: p.tau, feature: p.feature })
+    Ok(Uniformity {
+        tau: p.tau,
+        feature: p.feature,
+    })
 }
 
 umae_api::register!(
@@ -92,7 +108,10 @@ mod tests {
         let d = DispatchDevice::Flex(Default::default());
         // Rows (3, 4) and (1, 0): normalised (0.6, 0.8) and (1, 0); S = [[1, .6], [.6, 1]] / 0.5.
         let f = Tensor::<B, 2>::from_data(TensorData::new(vec![3.0f32, 4., 1., 0.], [2, 2]), &d);
-        let u = Uniformity { tau: 0.5, feature: Feature::Cls };
+        let u = Uniformity {
+            tau: 0.5,
+            feature: Feature::Cls,
+        };
         let l: f32 = u.loss_of(f).into_scalar().elem();
         let want = (4.0 + 4.0 + 2.0 * 1.2f32.powi(2)) / 4.0;
         assert!((l - want).abs() < 1e-5, "{l} vs {want}");
@@ -101,7 +120,10 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() {
         let d = DispatchDevice::Flex(Default::default());
-        let u = Uniformity { tau: 0.1, feature: Feature::Cls };
+        let u = Uniformity {
+            tau: 0.1,
+            feature: Feature::Cls,
+        };
         let x0 = Tensor::<B, 2>::random([4, 3], Distribution::Normal(0.0, 1.0), &d);
         let vals: Vec<f32> = x0.to_data().to_vec().unwrap();
         let x = x0.clone().require_grad();
@@ -118,7 +140,11 @@ mod tests {
             let mut m = vals.clone();
             m[i] -= h;
             let num = (f(&p) - f(&m)) / (2.0 * h as f64);
-            assert!((num - g[i] as f64).abs() < 2e-2 * (1.0 + num.abs()), "coord {i}: numeric {num} vs autodiff {}", g[i]);
+            assert!(
+                (num - g[i] as f64).abs() < 2e-2 * (1.0 + num.abs()),
+                "coord {i}: numeric {num} vs autodiff {}",
+                g[i]
+            );
         }
     }
 }

@@ -4,9 +4,9 @@
 pub mod nn;
 
 use umae_api::burn;
-use umae_api::burn::prelude::Backend;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, Linear};
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
 use umae_api::serde::{Deserialize, Serialize};
 use umae_api::{
@@ -126,7 +126,10 @@ impl Vit<B> {
             )));
         }
         if !(p.mlp_ratio > 0.0 && p.mlp_ratio.is_finite()) {
-            return Err(PluginError::Invalid(format!("mlp_ratio must be > 0, found {}", p.mlp_ratio)));
+            return Err(PluginError::Invalid(format!(
+                "mlp_ratio must be > 0, found {}",
+                p.mlp_ratio
+            )));
         }
         let geometry = PatchGeometry::new(ctx.channels, ctx.height, ctx.width, p.patch)
             .map_err(PluginError::Invalid)?;
@@ -134,13 +137,21 @@ impl Vit<B> {
         let (gh, gw) = geometry.grid();
         let n = geometry.num_patches();
         let pos = sincos_2d(dim, gh, gw, 1);
-        let token = |device| Param::from_tensor(Tensor::random([dim], Distribution::Normal(0.0, 0.02), device));
+        let token = |device| {
+            Param::from_tensor(Tensor::random(
+                [dim],
+                Distribution::Normal(0.0, 0.02),
+                device,
+            ))
+        };
         Ok(Vit {
             patch_embed: linear(geometry.patch_dim(), dim, device),
             cls_token: token(device),
             mask_token: (p.mask_mode == InputMode::MaskToken).then(|| token(device)),
             pos_embed: Tensor::from_data(TensorData::new(pos, [1 + n, dim]), device),
-            blocks: (0..depth).map(|_| Block::new(dim, heads, p.mlp_ratio, device)).collect(),
+            blocks: (0..depth)
+                .map(|_| Block::new(dim, heads, p.mlp_ratio, device))
+                .collect(),
             norm: layer_norm(dim, device),
             geometry,
             dim,
@@ -162,7 +173,7 @@ impl Vit<B> {
             }
             _ => x,
         };
-        x + self.pos_embed.clone().slice([1..1 + n]).reshape([1, n, d])
+        x + self.pos_embed.clone().narrow(0, 1, n).reshape([1, n, d])
     }
 }
 
@@ -174,7 +185,7 @@ impl EncoderModule for Vit<B> {
             x = gather_tokens(x, m.ids_keep.clone());
         }
         let d = self.dim;
-        let cls = (self.cls_token.val().reshape([1, d]) + self.pos_embed.clone().slice([0..1]))
+        let cls = (self.cls_token.val().reshape([1, d]) + self.pos_embed.clone().narrow(0, 0, 1))
             .reshape([1, 1, d])
             .expand([b, 1, d]);
         let mut x = Tensor::cat(vec![cls, x], 1);
@@ -187,7 +198,11 @@ impl EncoderModule for Vit<B> {
             Pool::Cls => x.clone().slice([0..b, 0..1]).reshape([b, d]),
             Pool::Mean => x.clone().slice([0..b, 1..t]).mean_dim(1).reshape([b, d]),
         };
-        EncoderOutput { tokens: x, pooled, prefix: 1 }
+        EncoderOutput {
+            tokens: x,
+            pooled,
+            prefix: 1,
+        }
     }
 
     fn dim(&self) -> usize {

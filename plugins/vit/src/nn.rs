@@ -4,9 +4,9 @@
 //! materialises a `[B, C_in, C_out]` tensor, which costs more than twice the time.
 
 use umae_api::burn;
-use umae_api::burn::prelude::Backend;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::activation::{gelu, softmax};
 use umae_api::burn::tensor::{Distribution, Tensor};
 use umae_api::{Device, B};
@@ -15,7 +15,11 @@ use umae_api::{Device, B};
 pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear<B> {
     let a = (6.0 / (d_in + d_out) as f64).sqrt();
     Linear {
-        weight: Param::from_tensor(Tensor::random([d_in, d_out], Distribution::Uniform(-a, a), device)),
+        weight: Param::from_tensor(Tensor::random(
+            [d_in, d_out],
+            Distribution::Uniform(-a, a),
+            device,
+        )),
         bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))),
     }
 }
@@ -44,7 +48,11 @@ pub struct Attention<B: Backend> {
 
 impl Attention<B> {
     pub fn new(dim: usize, heads: usize, device: &Device) -> Self {
-        Attention { qkv: linear(dim, 3 * dim, device), proj: linear(dim, dim, device), heads }
+        Attention {
+            qkv: linear(dim, 3 * dim, device),
+            proj: linear(dim, dim, device),
+            heads,
+        }
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -56,8 +64,15 @@ impl Attention<B> {
             .forward(x.reshape([b * t, d]))
             .reshape([b, t, 3, h, hd])
             .permute([2, 0, 3, 1, 4]);
-        let mut parts = qkv.chunk(3, 0).into_iter().map(|p| p.reshape([b, h, t, hd]));
-        let (q, k, v) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let mut parts = qkv
+            .chunk(3, 0)
+            .into_iter()
+            .map(|p| p.reshape([b, h, t, hd]));
+        let (q, k, v) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
         let scale = (hd as f64).powf(-0.5);
         let attn = softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3);
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b * t, d]);
@@ -96,7 +111,10 @@ impl Block<B> {
             norm1: layer_norm(dim, device),
             attn: Attention::new(dim, heads, device),
             norm2: layer_norm(dim, device),
-            mlp: Mlp { fc1: linear(dim, hidden, device), fc2: linear(hidden, dim, device) },
+            mlp: Mlp {
+                fc1: linear(dim, hidden, device),
+                fc2: linear(hidden, dim, device),
+            },
         }
     }
 
@@ -110,7 +128,10 @@ impl Block<B> {
 /// each of `prefix` class tokens in front: `[prefix + gh*gw, dim]`, row-major over the grid.
 /// The first half of the channels encodes the column, the second half the row (as MAE).
 pub fn sincos_2d(dim: usize, gh: usize, gw: usize, prefix: usize) -> Vec<f32> {
-    assert!(dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4");
+    assert!(
+        dim.is_multiple_of(4),
+        "sin-cos position embedding needs dim divisible by 4"
+    );
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter)
         .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
@@ -139,7 +160,10 @@ pub fn patchify_chw(images: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
 }
 
 /// Gather rows of `[B, T, D]` at `ids: [B, K]` along T.
-pub fn gather_tokens(x: Tensor<B, 3>, ids: Tensor<B, 2, umae_api::burn::tensor::Int>) -> Tensor<B, 3> {
+pub fn gather_tokens(
+    x: Tensor<B, 3>,
+    ids: Tensor<B, 2, umae_api::burn::tensor::Int>,
+) -> Tensor<B, 3> {
     let d = x.dims()[2];
     let [b, k] = ids.dims();
     let idx = ids.reshape([b, k, 1]).expand([b, k, d]);
@@ -157,7 +181,16 @@ mod tests {
         assert!(e[..8].iter().all(|v| *v == 0.0));
         // patch (row 1, col 2): channels [sin(2w), cos(2w), sin(1w), cos(1w)] with w = (1, 1e-2)
         let row = &e[(1 + 5) * 8..(1 + 6) * 8];
-        let want = [2f64.sin(), 0.02f64.sin(), 2f64.cos(), 0.02f64.cos(), 1f64.sin(), 0.01f64.sin(), 1f64.cos(), 0.01f64.cos()];
+        let want = [
+            2f64.sin(),
+            0.02f64.sin(),
+            2f64.cos(),
+            0.02f64.cos(),
+            1f64.sin(),
+            0.01f64.sin(),
+            1f64.cos(),
+            0.01f64.cos(),
+        ];
         for (a, b) in row.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-6, "{row:?}");
         }

@@ -1,0 +1,207 @@
+//! `umae run`, `--resume` and `umae bench` through the real binary on Fashion-MNIST.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const SMALL: &[&str] = &[
+    "--set",
+    "data.train_limit=Some(640)",
+    "--set",
+    "data.eval_limit=Some(200)",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "train.log_every=5",
+    "--set",
+    "eval.erank_samples=50",
+];
+
+fn rows(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn epoch_rows(dir: &Path) -> Vec<serde_json::Value> {
+    rows(dir)
+        .into_iter()
+        .filter(|r| r["kind"] == "epoch")
+        .collect()
+}
+
+fn train(out: &Path, recipe: &str, epochs: usize) -> std::process::Output {
+    let mut args = vec!["run", recipe, "--output", out.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    let e = format!("train.epochs={epochs}");
+    args.extend_from_slice(&["--set", &e]);
+    run(&args)
+}
+
+#[test]
+fn u_mae_trains_writes_metrics_and_checkpoints() {
+    if !have_fmnist() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = train(&out, "recipes/u-mae-fmnist.ron", 2);
+    assert!(o.status.success(), "{}", text(&o));
+    let all = rows(&out);
+    let first = all.iter().find(|r| r["kind"] == "step").unwrap();
+    let epochs = epoch_rows(&out);
+    assert_eq!(epochs.len(), 2);
+    let last = &epochs[1];
+    for key in [
+        "loss",
+        "target.pixels",
+        "reg.uniformity",
+        "probe.loss",
+        "probe.test_acc",
+        "erank",
+        "images_per_s",
+    ] {
+        assert!(last[key].is_number(), "{key} missing in {last}");
+    }
+    let (l0, l1) = (
+        first["target.pixels"].as_f64().unwrap(),
+        last["target.pixels"].as_f64().unwrap(),
+    );
+    assert!(l1 < l0, "reconstruction loss did not fall: {l0} -> {l1}");
+    let acc = last["probe.test_acc"].as_f64().unwrap();
+    assert!(acc > 0.2, "online probe at chance: {acc}");
+    assert!(all
+        .iter()
+        .filter(|r| r["kind"] == "step")
+        .all(|r| r["lr"].as_f64().unwrap() > 0.0));
+    let ck = out.join("checkpoints");
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "epoch-0002"
+    );
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert!(ck.join("epoch-0002").join(f).exists(), "{f}");
+    }
+    assert!(out.join("recipe.ron").exists());
+
+    // A second run into the same directory is refused, and nothing there changes.
+    let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let o = train(&out, "recipes/u-mae-fmnist.ron", 2);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("--resume"), "{}", text(&o));
+    assert_eq!(before, std::fs::read(out.join("metrics.jsonl")).unwrap());
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_result() {
+    if !have_fmnist() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let o = train(&straight, "recipes/mae-fmnist.ron", 3);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let killed = tmp.path().join("killed");
+    let mut args = vec![
+        "run".to_string(),
+        "recipes/mae-fmnist.ron".into(),
+        "--output".into(),
+        killed.display().to_string(),
+    ];
+    args.extend(SMALL.iter().map(|s| s.to_string()));
+    args.extend(["--set".into(), "train.epochs=3".into()]);
+    let mut child = umae()
+        .args(&args)
+        .current_dir(repo())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pointer = killed.join("checkpoints/latest");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&pointer)
+        .map(|s| s.trim() != "epoch-0001")
+        .unwrap_or(true)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no first checkpoint"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let o = run(&["run", "--resume", killed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (a, b) = (epoch_rows(&straight), epoch_rows(&killed));
+    assert_eq!(b.len(), 3, "{b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["step"], y["step"]);
+        let (lx, ly) = (
+            x["target.pixels"].as_f64().unwrap(),
+            y["target.pixels"].as_f64().unwrap(),
+        );
+        assert!(
+            (lx - ly).abs() < 1e-4 * lx.abs().max(1.0),
+            "epoch {}: {lx} vs {ly}",
+            x["epoch"]
+        );
+    }
+    // Step rows are not duplicated by the resumed part.
+    let steps: Vec<u64> = rows(&killed)
+        .iter()
+        .filter(|r| r["kind"] == "step")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    let mut sorted = steps.clone();
+    sorted.dedup();
+    assert_eq!(steps, sorted);
+
+    let o = run(&["run", "--resume", tmp.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn missing_dataset_says_how_to_get_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "run",
+        "recipes/mae-fmnist.ron",
+        "--output",
+        tmp.path().join("r").to_str().unwrap(),
+        "--set",
+        "data.root=/nonexistent/fashion-mnist",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no IDX files"), "{}", text(&o));
+}
+
+#[test]
+fn bench_reports_throughput() {
+    let o = run(&[
+        "bench",
+        "recipes/mae-vitt-cifar10.ron",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    let o = run(&["bench", "recipes/mae-vitt-cifar10.ron", "--device", "cuda"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(!text(&o).contains("panicked"), "{}", text(&o));
+}
