@@ -227,6 +227,9 @@ pub struct EvalSpec {
     /// Train a linear classifier on detached pooled features alongside pretraining
     /// (Appendix B.5 of the paper) and report its test accuracy every epoch.
     pub online_probe: bool,
+    /// Constant learning rate of the online probe (AdamW, no weight decay). The probe only
+    /// measures the features, so it is not tied to the pretraining schedule.
+    pub probe_lr: f64,
     /// Effective rank of pooled features on this many test images every epoch (0: off).
     pub erank_samples: usize,
 }
@@ -235,6 +238,7 @@ impl Default for EvalSpec {
     fn default() -> Self {
         EvalSpec {
             online_probe: true,
+            probe_lr: 1e-3,
             erank_samples: 0,
         }
     }
@@ -497,6 +501,12 @@ impl Recipe {
                     format!("optimizer.betas.{i} must be in [0, 1), found {b}"),
                 ));
             }
+        }
+        if !(self.eval.probe_lr.is_finite() && self.eval.probe_lr >= 0.0) {
+            return Err(RecipeError::new(
+                at("eval", "probe_lr"),
+                "eval.probe_lr must be a finite number >= 0",
+            ));
         }
         if !self.schedule.warmup_epochs.is_finite() || self.schedule.warmup_epochs < 0.0 {
             return Err(RecipeError::new(

@@ -60,7 +60,8 @@ pub fn bench(
             for (prefix, m) in model.trainables() {
                 opt.accumulate(prefix, m, &out.grads);
             }
-            opt.step(&mut model.trainables_mut(), 1e-4);
+            let (mut main, mut probe) = model.groups_mut();
+            opt.step(&mut main, 1e-4, &mut probe, recipe.eval.probe_lr);
             // Read the loss, as the trainer does each step (this also waits for the device).
             let loss: f32 = out.scalars.narrow(0, 0, 1).into_scalar();
             if !loss.is_finite() {

@@ -170,6 +170,25 @@ impl Model {
         })
     }
 
+    /// The pretraining components (encoder, decoder) and the online probe, separately.
+    #[allow(clippy::type_complexity)]
+    pub fn groups_mut(
+        &mut self,
+    ) -> (
+        Vec<(&'static str, &mut dyn Trainable)>,
+        Vec<(&'static str, &mut dyn Trainable)>,
+    ) {
+        let main: Vec<(&'static str, &mut dyn Trainable)> = vec![
+            ("encoder", self.encoder.as_mut() as &mut dyn Trainable),
+            ("decoder", self.decoder.as_mut() as &mut dyn Trainable),
+        ];
+        let probe: Vec<(&'static str, &mut dyn Trainable)> = match &mut self.probe {
+            Some(p) => vec![("probe", p as &mut dyn Trainable)],
+            None => Vec::new(),
+        };
+        (main, probe)
+    }
+
     /// The trainable components with their checkpoint prefixes.
     pub fn trainables(&self) -> Vec<(&'static str, &dyn Trainable)> {
         let mut v: Vec<(&'static str, &dyn Trainable)> = vec![

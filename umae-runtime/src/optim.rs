@@ -70,12 +70,26 @@ impl AdamW {
         (total as f64).sqrt()
     }
 
-    /// Apply one update to every component with the accumulated gradients, then clear them.
-    pub fn step(&mut self, modules: &mut [(&'static str, &mut dyn Trainable)], lr: f64) {
+    /// One optimizer step for every component: the first group at learning rate `lr` with the
+    /// recipe's weight decay, the second (the online probe) at `lr2` without weight decay.
+    pub fn step(
+        &mut self,
+        modules: &mut [(&'static str, &mut dyn Trainable)],
+        lr: f64,
+        second: &mut [(&'static str, &mut dyn Trainable)],
+        lr2: f64,
+    ) {
         self.step += 1;
+        let wd = self.spec.weight_decay;
+        self.update(modules, lr, wd);
+        self.update(second, lr2, 0.0);
+        self.acc.clear();
+    }
+
+    fn update(&mut self, modules: &mut [(&'static str, &mut dyn Trainable)], lr: f64, wd: f64) {
         let t = self.step as i32;
         let (b1, b2) = self.spec.betas;
-        let (eps, wd) = (self.spec.eps, self.spec.weight_decay);
+        let eps = self.spec.eps;
         let scale = match self.spec.clip_grad {
             Some(max) => {
                 let norm = self.grad_norm();
@@ -117,7 +131,6 @@ impl AdamW {
                 decayed - update * lr
             });
         }
-        self.acc.clear();
     }
 }
 

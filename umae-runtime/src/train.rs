@@ -370,7 +370,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 seen += b.n;
                 window_images += b.n;
             }
-            opt.step(&mut model.trainables_mut(), lr);
+            let (mut main, mut probe) = model.groups_mut();
+            opt.step(&mut main, lr, &mut probe, recipe.eval.probe_lr);
             state.step += 1;
             for (a, v) in sums.iter_mut().zip(&step_sums) {
                 *a += v;
