@@ -208,3 +208,48 @@ fn bench_reports_throughput() {
     assert_ne!(o.status.code(), Some(0));
     assert!(!text(&o).contains("panicked"), "{}", text(&o));
 }
+
+#[test]
+fn gradient_accumulation_matches_the_full_batch() {
+    if !have_fmnist() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let go = |name: &str, batch: &str, accum: &str| {
+        let out = tmp.path().join(name);
+        let (b, a) = (
+            format!("train.batch_size={batch}"),
+            format!("train.accum_steps={accum}"),
+        );
+        let o = run(&[
+            "run",
+            "recipes/mae-fmnist.ron",
+            "--output",
+            out.to_str().unwrap(),
+            "--set",
+            "data.train_limit=Some(256)",
+            "--set",
+            "eval.online_probe=false",
+            "--set",
+            "eval.erank_samples=0",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            &b,
+            "--set",
+            &a,
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        epoch_rows(&out)
+    };
+    let full = go("full", "64", "1");
+    let accumulated = go("accum", "32", "2");
+    for (x, y) in full.iter().zip(&accumulated) {
+        assert_eq!(x["step"], y["step"]);
+        let (lx, ly) = (
+            x["target.pixels"].as_f64().unwrap(),
+            y["target.pixels"].as_f64().unwrap(),
+        );
+        assert!((lx - ly).abs() < 1e-4, "epoch {}: {lx} vs {ly}", x["epoch"]);
+    }
+}

@@ -730,3 +730,48 @@ mod tests {
         assert_eq!(all.iter().map(|b| b.n).sum::<usize>(), 37);
     }
 }
+
+#[cfg(test)]
+mod folder_tests {
+    use super::*;
+
+    #[test]
+    fn image_folder_reads_png_and_jpeg_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, shade) in [("cat", 40u8), ("dog", 200u8)] {
+            let d = dir.path().join("train").join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            let img = image::RgbImage::from_pixel(12, 10, image::Rgb([shade, shade / 2, 0]));
+            img.save(d.join("a.png")).unwrap();
+            img.save(d.join("b.jpg")).unwrap();
+        }
+        std::fs::write(dir.path().join("train/cat/notes.txt"), "not an image").unwrap();
+        let spec = DataSpec {
+            format: DataFormat::ImageFolder,
+            root: dir.path().display().to_string(),
+            image_size: 8,
+            channels: 3,
+            ..Default::default()
+        };
+        let ds = open(&spec, Split::Train, 0).unwrap();
+        assert_eq!(ds.len(), 4);
+        let (img, label) = ds.get(3).unwrap();
+        assert_eq!((img.channels, img.height, img.width, label), (3, 10, 12, 1));
+        assert!((img.data[0] - 200.0 / 255.0).abs() < 0.03);
+        let p = Pipeline::new(ds, &spec, false, 0);
+        let b = p.batch(&[0, 1, 2, 3], 0).unwrap();
+        assert_eq!(b.images.len(), 4 * 3 * 8 * 8);
+        assert_eq!(b.labels, vec![0, 0, 1, 1]);
+        let empty = tempfile::tempdir().unwrap();
+        let e = open(
+            &DataSpec {
+                root: empty.path().display().to_string(),
+                ..spec
+            },
+            Split::Train,
+            0,
+        )
+        .unwrap_err();
+        assert!(e.contains("no images"), "{e}");
+    }
+}

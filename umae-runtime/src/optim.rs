@@ -157,3 +157,61 @@ mod tests {
         assert!((learning_rate(10.0, 1.0, &s, 10.0) - 0.1).abs() < 1e-12);
     }
 }
+
+#[cfg(test)]
+mod adamw_tests {
+    use super::*;
+    use umae_api::burn::nn::LinearConfig;
+    use umae_api::burn::tensor::TensorData;
+    use umae_api::{Device, B};
+
+    fn values(m: &dyn Trainable) -> Vec<(String, Vec<f32>)> {
+        let mut out = Vec::new();
+        m.visit_params(&mut |info, t| {
+            out.push((
+                info.path.to_string(),
+                t.into_data().to_vec::<f32>().unwrap(),
+            ))
+        });
+        out
+    }
+
+    #[test]
+    fn decays_matrices_not_biases_and_takes_sign_sized_first_steps() {
+        let device = Device::Flex(Default::default());
+        let mut lin = LinearConfig::new(2, 1).init::<B>(&device);
+        let before = values(&lin);
+        // d(sum(w . x + b))/dw = x = (1, -2); d/db = 1.
+        let x = Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, -2.0], [1, 2]), &device);
+        let grads = lin.forward(x).sum().backward();
+        let spec = OptimizerSpec {
+            weight_decay: 0.5,
+            eps: 1e-8,
+            ..OptimizerSpec::default()
+        };
+        let mut opt = AdamW::new(spec);
+        opt.accumulate("lin", &lin, &grads);
+        let (lr, wd) = (0.1, 0.5);
+        opt.step(
+            &mut [("lin", &mut lin as &mut dyn Trainable)],
+            lr,
+            &mut [],
+            0.0,
+        );
+        let after = values(&lin);
+        for ((path, b), (_, a)) in before.iter().zip(&after) {
+            let g: &[f32] = if path == "weight" {
+                &[1.0, -2.0]
+            } else {
+                &[1.0]
+            };
+            let decay = if path == "weight" { 1.0 - lr * wd } else { 1.0 };
+            for ((b, a), g) in b.iter().zip(a).zip(g) {
+                // First AdamW step: p * (1 - lr * wd) - lr * sign(g).
+                let want = *b as f64 * decay - lr * g.signum() as f64;
+                assert!((*a as f64 - want).abs() < 1e-5, "{path}: {a} vs {want}");
+            }
+        }
+        assert_eq!(opt.step, 1);
+    }
+}
