@@ -771,7 +771,8 @@ mod folder_tests {
             Split::Train,
             0,
         )
-        .unwrap_err();
+        .err()
+        .expect("an empty folder is refused");
         assert!(e.contains("no images"), "{e}");
     }
 }
