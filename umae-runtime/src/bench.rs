@@ -8,7 +8,7 @@ use umae_api::{Device, Rng, B};
 
 use crate::model::Model;
 use crate::optim::AdamW;
-use crate::step::{forward_backward, ProbeNorm};
+use crate::step::{apply_step, train_micro_batch, ProbeNorm};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -55,15 +55,18 @@ pub fn bench(
     let mut rng = Rng::new(recipe.seed);
     let mut run = |model: &mut Model, n: usize| -> Result<(), String> {
         for _ in 0..n {
-            let mask = model.masker.sample(&g, batch, &mut rng).to_device(device);
-            let out = forward_backward(model, norm.as_mut(), images.clone(), &labels, &mask, 1.0);
-            for (prefix, m) in model.trainables() {
-                opt.accumulate(prefix, m, &out.grads);
-            }
-            let (mut main, mut probe) = model.groups_mut();
-            opt.step(&mut main, 1e-4, &mut probe, recipe.eval.probe_lr);
+            let scalars = train_micro_batch(
+                model,
+                norm.as_mut(),
+                &mut opt,
+                images.clone(),
+                &labels,
+                &mut rng,
+                1,
+            );
+            apply_step(model, &mut opt, 1e-4, recipe.eval.probe_lr);
             // Read the loss, as the trainer does each step (this also waits for the device).
-            let loss: f32 = out.scalars.narrow(0, 0, 1).into_scalar();
+            let loss: f32 = scalars.narrow(0, 0, 1).into_scalar();
             if !loss.is_finite() {
                 return Err(format!("the loss became {loss} during the benchmark"));
             }

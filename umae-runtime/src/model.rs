@@ -202,14 +202,9 @@ impl Model {
     }
 
     pub fn trainables_mut(&mut self) -> Vec<(&'static str, &mut dyn Trainable)> {
-        let mut v: Vec<(&'static str, &mut dyn Trainable)> = vec![
-            ("encoder", self.encoder.as_mut() as &mut dyn Trainable),
-            ("decoder", self.decoder.as_mut() as &mut dyn Trainable),
-        ];
-        if let Some(p) = &mut self.probe {
-            v.push(("probe", p as &mut dyn Trainable));
-        }
-        v
+        let (mut main, probe) = self.groups_mut();
+        main.extend(probe);
+        main
     }
 
     /// A summary of the model: components, parameter counts and totals.

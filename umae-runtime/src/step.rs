@@ -4,9 +4,10 @@
 
 use umae_api::burn::nn::loss::CrossEntropyLossConfig;
 use umae_api::burn::tensor::{Int, Tensor, TensorData};
-use umae_api::{Device, EncoderOutput, Grads, Inner, Mask, B};
+use umae_api::{Device, EncoderOutput, Grads, Inner, Mask, Rng, B};
 
 use crate::model::Model;
+use crate::optim::AdamW;
 
 /// Running statistics of the probe's BatchNorm (no affine parameters).
 #[derive(Debug, Clone)]
@@ -109,4 +110,33 @@ pub fn forward_backward(
     let scalars = Tensor::cat(scalars, 0).detach();
     let grads = (total / scale).backward();
     StepOutput { grads, scalars }
+}
+
+/// One micro-batch of training: draw the mask, forward, backward, and add every component's
+/// gradients to the optimizer. Returns the step's scalars (see [`StepOutput`]), not yet read.
+pub fn train_micro_batch(
+    model: &Model,
+    norm: Option<&mut ProbeNorm>,
+    opt: &mut AdamW,
+    images: Tensor<B, 4>,
+    labels: &[i64],
+    rng: &mut Rng,
+    accum: usize,
+) -> Tensor<B, 1> {
+    let device = images.device();
+    let mask = model
+        .masker
+        .sample(&model.geometry, labels.len(), rng)
+        .to_device(&device);
+    let out = forward_backward(model, norm, images, labels, &mask, accum as f64);
+    for (prefix, m) in model.trainables() {
+        opt.accumulate(prefix, m, &out.grads);
+    }
+    out.scalars
+}
+
+/// Apply the accumulated gradients: the model at `lr`, the online probe at `probe_lr`.
+pub fn apply_step(model: &mut Model, opt: &mut AdamW, lr: f64, probe_lr: f64) {
+    let (mut main, mut probe) = model.groups_mut();
+    opt.step(&mut main, lr, &mut probe, probe_lr);
 }

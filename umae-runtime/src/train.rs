@@ -15,7 +15,7 @@ use crate::checkpoint::{self, HostTensor, State};
 use crate::data::{self, Dataset, Loader, Pipeline, Split};
 use crate::model::{images_tensor, Model};
 use crate::optim::{learning_rate, AdamW};
-use crate::step::{forward_backward, probe_logits, ProbeNorm};
+use crate::step::{apply_step, probe_logits, train_micro_batch, ProbeNorm};
 
 /// How to run.
 pub struct RunOptions {
@@ -339,21 +339,16 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                     .next()
                     .expect("loader yields steps_per_epoch * accum batches")?;
                 let images = images_tensor(b.images, b.n, &model.geometry, device);
-                let plan = model.masker.sample(&model.geometry, b.n, &mut state.rng);
-                let mask = plan.to_device(device);
-                let out = forward_backward(
+                let scalars = train_micro_batch(
                     &model,
                     norm.as_mut(),
+                    &mut opt,
                     images,
                     &b.labels,
-                    &mask,
-                    accum as f64,
+                    &mut state.rng,
+                    accum,
                 );
-                for (prefix, m) in model.trainables() {
-                    opt.accumulate(prefix, m, &out.grads);
-                }
-                let vals: Vec<f32> = out
-                    .scalars
+                let vals: Vec<f32> = scalars
                     .into_data()
                     .convert::<f32>()
                     .to_vec()
@@ -370,8 +365,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 seen += b.n;
                 window_images += b.n;
             }
-            let (mut main, mut probe) = model.groups_mut();
-            opt.step(&mut main, lr, &mut probe, recipe.eval.probe_lr);
+            apply_step(&mut model, &mut opt, lr, recipe.eval.probe_lr);
             state.step += 1;
             for (a, v) in sums.iter_mut().zip(&step_sums) {
                 *a += v;
