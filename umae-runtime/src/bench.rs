@@ -7,8 +7,7 @@ use umae_api::recipe::Recipe;
 use umae_api::{Device, Rng, B};
 
 use crate::model::Model;
-use crate::optim::AdamW;
-use crate::step::{apply_step, train_micro_batch, ProbeNorm};
+use crate::step::{apply_step, train_micro_batch, training_parts};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -37,12 +36,7 @@ pub fn bench(
     steps: usize,
     warmup: usize,
 ) -> Result<BenchResult, String> {
-    let mut model = Model::build(recipe, device).map_err(|e| e.to_string())?;
-    let mut opt = AdamW::new(recipe.optimizer.clone());
-    let mut norm = model
-        .probe
-        .as_ref()
-        .map(|_| ProbeNorm::new(model.encoder.dim(), device));
+    let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
     let g = model.geometry;
     let images = Tensor::<B, 4>::random(
         [batch, g.channels, g.height, g.width],

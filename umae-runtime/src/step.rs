@@ -140,3 +140,17 @@ pub fn apply_step(model: &mut Model, opt: &mut AdamW, lr: f64, probe_lr: f64) {
     let (mut main, mut probe) = model.groups_mut();
     opt.step(&mut main, lr, &mut probe, probe_lr);
 }
+
+/// What training needs besides data: the model, its optimizer and the probe's normalisation.
+pub fn training_parts(
+    recipe: &umae_api::recipe::Recipe,
+    device: &Device,
+) -> Result<(Model, AdamW, Option<ProbeNorm>), String> {
+    let model = Model::build(recipe, device).map_err(|e| e.to_string())?;
+    let opt = AdamW::new(recipe.optimizer.clone());
+    let norm = model
+        .probe
+        .as_ref()
+        .map(|_| ProbeNorm::new(model.encoder.dim(), device));
+    Ok((model, opt, norm))
+}

@@ -15,7 +15,7 @@ use crate::checkpoint::{self, HostTensor, State};
 use crate::data::{self, Dataset, Loader, Pipeline, Split};
 use crate::model::{images_tensor, Model};
 use crate::optim::{learning_rate, AdamW};
-use crate::step::{apply_step, probe_logits, train_micro_batch, ProbeNorm};
+use crate::step::{apply_step, probe_logits, train_micro_batch, training_parts, ProbeNorm};
 
 /// How to run.
 pub struct RunOptions {
@@ -233,12 +233,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     let train_pipe = Pipeline::new(train_set.clone(), &recipe.data, true, recipe.seed);
     let eval_pipe = eval_set.map(|d| Pipeline::new(d, &recipe.data, false, recipe.seed));
 
-    let mut model = Model::build(recipe, device).map_err(|e| e.to_string())?;
-    let mut opt = AdamW::new(recipe.optimizer.clone());
-    let mut norm = model
-        .probe
-        .as_ref()
-        .map(|_| ProbeNorm::new(model.encoder.dim(), device));
+    let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
     let metrics = Metrics {
         path: run_dir.join("metrics.jsonl"),
     };
