@@ -53,6 +53,15 @@ pub struct State {
 }
 
 pub fn write_safetensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> Result<(), String> {
+    write_safetensors_meta(path, tensors, &[])
+}
+
+/// [`write_safetensors`] with string metadata in the header.
+pub fn write_safetensors_meta(
+    path: &Path,
+    tensors: &HashMap<String, HostTensor>,
+    metadata: &[(&str, &str)],
+) -> Result<(), String> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(k, t)| {
@@ -72,7 +81,13 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> 
             )
         })
         .collect();
-    let out = safetensors::serialize(views, None)
+    let meta: Option<HashMap<String, String>> = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    });
+    let out = safetensors::serialize(views, meta)
         .map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
     fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -6,8 +6,12 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod features;
 pub mod model;
 pub mod optim;
+pub mod probe;
+pub mod progress;
+pub mod source;
 pub mod step;
 pub mod train;
 

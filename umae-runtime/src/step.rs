@@ -147,6 +147,12 @@ pub fn training_parts(
     device: &Device,
 ) -> Result<(Model, AdamW, Option<ProbeNorm>), String> {
     let model = Model::build(recipe, device).map_err(|e| e.to_string())?;
+    if model.encoder.num_params() == 0 {
+        return Err(format!(
+            "encoder `{}` has no parameters to pretrain; it is meant for `umae eval` baselines",
+            model.names[1]
+        ));
+    }
     let opt = AdamW::new(recipe.optimizer.clone());
     let norm = model
         .probe

@@ -1,5 +1,8 @@
 //! The `pixels` target: predict each hidden patch's pixels (MAE, SimMIM).
 
+use umae_api::burn;
+use umae_api::burn::module::Module;
+use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::Tensor;
 use umae_api::serde::{Deserialize, Serialize};
 use umae_api::{BuildContext, Mask, PatchGeometry, PluginError, Target, B};
@@ -189,3 +192,68 @@ mod tests {
         }
     }
 }
+
+umae_api::params! {
+    /// Parameters of the `identity` encoder.
+    pub struct IdentityParams {
+        /// Patch side in pixels (only for masking; the features are all pixels).
+        pub patch: usize = 4,
+    }
+}
+
+/// The `identity` encoder: the feature of an image is its normalised pixels, flattened. It has
+/// no parameters and cannot be pretrained; it is the raw-pixel baseline of `umae eval`.
+#[derive(Module, Clone, Debug)]
+pub struct Identity<Bk: Backend> {
+    #[module(skip)]
+    pub geometry: PatchGeometry,
+    #[module(skip)]
+    _backend: std::marker::PhantomData<Bk>,
+}
+
+impl umae_api::EncoderModule for Identity<B> {
+    fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> umae_api::EncoderOutput {
+        let b = images.dims()[0];
+        let g = &self.geometry;
+        let mut patches = patchify_hwc(images, g.patch);
+        if let Some(m) = mask {
+            let w = m.hidden.clone().reshape([b, g.num_patches(), 1]);
+            patches = patches * (w.neg() + 1.0);
+        }
+        let d = g.num_patches() * g.patch_dim();
+        let pooled = patches.reshape([b, d]);
+        umae_api::EncoderOutput {
+            tokens: pooled.clone().reshape([b, 1, d]),
+            pooled,
+            prefix: 0,
+        }
+    }
+
+    fn dim(&self) -> usize {
+        self.geometry.num_patches() * self.geometry.patch_dim()
+    }
+
+    fn mask_mode(&self) -> umae_api::MaskMode {
+        umae_api::MaskMode::MaskToken
+    }
+
+    fn geometry(&self) -> PatchGeometry {
+        self.geometry
+    }
+}
+
+fn build_identity(p: &IdentityParams, ctx: &BuildContext) -> Result<Identity<B>, PluginError> {
+    Ok(Identity {
+        geometry: PatchGeometry::new(ctx.channels, ctx.height, ctx.width, p.patch)
+            .map_err(PluginError::Invalid)?,
+        _backend: std::marker::PhantomData,
+    })
+}
+
+umae_api::register!(
+    Encoder,
+    "identity",
+    IdentityParams,
+    build_identity,
+    "Raw pixels as features (no parameters): the baseline for linear probes and kNN"
+);

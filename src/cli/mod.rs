@@ -1,5 +1,7 @@
 //! Command-line interface.
 
+mod eval;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -62,6 +64,9 @@ enum Command {
         #[arg(long)]
         kind: Option<String>,
     },
+    /// Evaluate a frozen or fine-tuned encoder: linear probe, kNN, fine-tuning.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Time training steps on synthetic input of the recipe's shape.
     Bench {
         #[command(flatten)]
@@ -108,7 +113,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-enum Failure {
+pub(crate) enum Failure {
     /// Bad recipe, command line or data: the user must change something.
     Input(String),
     /// Failed while working.
@@ -119,7 +124,7 @@ fn load(path: &Path, sets: &[String]) -> Result<Recipe, Failure> {
     Recipe::load(path, sets).map_err(|e| Failure::Input(e.to_string()))
 }
 
-fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api::Device, Failure> {
+pub(crate) fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api::Device, Failure> {
     let name = flag.or(recipe.device.as_deref()).unwrap_or("cpu");
     parse_device(name).map_err(Failure::Input)
 }
@@ -127,6 +132,7 @@ fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api::Device, F
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Plugins { kind } => plugins(kind.as_deref()),
+        Command::Eval(cmd) => eval::run(cmd),
         Command::Check { recipe, json } => {
             let r = load(&recipe.recipe, &recipe.sets)?;
             let device = parse_device("cpu").map_err(Failure::Input)?;

@@ -1,0 +1,219 @@
+//! `umae eval linear | knn | finetune`.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use umae_runtime::features::{self, Pool};
+use umae_runtime::probe::{self, KnnSpec, LinearSpec, ProbeOptimizer};
+use umae_runtime::source::{self, LoadError, Loaded};
+
+use super::Failure;
+
+/// Where the encoder comes from and which images to use.
+#[derive(Args, Clone)]
+pub struct SourceArgs {
+    /// A run directory (latest checkpoint), a checkpoint directory, or a recipe (initial weights;
+    /// e.g. recipes/pixels-fmnist.ron for the raw-pixel baseline).
+    pub source: PathBuf,
+    /// Checkpoint of the run directory to use, e.g. epoch-0005 (default: the latest).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// Override a field of the run's recipe, e.g. `--set data.train_limit=None` (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub sets: Vec<String>,
+    /// Feature: cls, mean or model (the encoder's own `pool` parameter).
+    #[arg(long, default_value = "model")]
+    pub pool: String,
+    /// cpu, cuda, cuda:N or tch (default: the recipe's `device`, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Images per encoding batch.
+    #[arg(long, default_value_t = 256)]
+    pub encode_batch: usize,
+    /// Re-encode even when cached features exist (and do not write the cache).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Linear probe on frozen features (MAE protocol: BatchNorm without affine + linear, no
+    /// weight decay, LARS or SGD with momentum, warmup + cosine); top-1/top-5 on the test split.
+    Linear {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[arg(long, default_value_t = LinearSpec::default().epochs)]
+        epochs: usize,
+        #[arg(long, default_value_t = LinearSpec::default().batch_size)]
+        batch: usize,
+        /// Base learning rate (lr = blr * batch / 256).
+        #[arg(long, default_value_t = LinearSpec::default().blr)]
+        blr: f64,
+        #[arg(long, default_value_t = LinearSpec::default().warmup_epochs)]
+        warmup: usize,
+        /// lars or sgd.
+        #[arg(long, default_value = "lars")]
+        optimizer: String,
+    },
+    /// Weighted k-nearest-neighbour classification on L2-normalised frozen features.
+    Knn {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[arg(long, default_value_t = 20)]
+        k: usize,
+        #[arg(long, default_value_t = 0.07)]
+        temperature: f64,
+    },
+}
+
+pub fn load(a: &SourceArgs) -> Result<(Loaded, umae_api::Device), Failure> {
+    let (recipe, run_dir, ckpt) =
+        source::resolve(&a.source, a.checkpoint.as_deref(), &a.sets).map_err(map_load)?;
+    let device = super::device_for(a.device.as_deref(), &recipe)?;
+    let loaded = source::load_resolved(recipe, run_dir, ckpt, &device).map_err(map_load)?;
+    Ok((loaded, device))
+}
+
+pub fn map_load(e: LoadError) -> Failure {
+    match e {
+        LoadError::Input(m) => Failure::Input(m),
+        LoadError::Run(m) => Failure::Run(m),
+    }
+}
+
+fn feature_set(
+    a: &SourceArgs,
+) -> Result<(Loaded, umae_api::Device, features::FeatureSet), Failure> {
+    let pool = Pool::parse(&a.pool).map_err(Failure::Input)?;
+    if a.encode_batch == 0 {
+        return Err(Failure::Input("--encode-batch must be at least 1".into()));
+    }
+    let (loaded, device) = load(a)?;
+    let d = &loaded.recipe.data;
+    let fs = features::feature_set(
+        &loaded,
+        pool,
+        d.train_limit,
+        d.eval_limit,
+        a.encode_batch,
+        &device,
+        !a.no_cache,
+    )
+    .map_err(Failure::Run)?;
+    Ok((loaded, device, fs))
+}
+
+/// Append a result row to `<run>/eval.jsonl` when the source is a run.
+fn record(loaded: &Loaded, row: &serde_json::Value) -> Result<(), Failure> {
+    if let Some(dir) = &loaded.run_dir {
+        append_jsonl(&dir.join("eval.jsonl"), row).map_err(Failure::Run)?;
+    }
+    Ok(())
+}
+
+pub fn append_jsonl(path: &Path, row: &serde_json::Value) -> Result<(), String> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    writeln!(f, "{row}").map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
+    match cmd {
+        EvalCommand::Linear {
+            source,
+            epochs,
+            batch,
+            blr,
+            warmup,
+            optimizer,
+        } => {
+            let optimizer = match optimizer.as_str() {
+                "lars" => ProbeOptimizer::Lars,
+                "sgd" => ProbeOptimizer::Sgd,
+                o => {
+                    return Err(Failure::Input(format!(
+                        "unknown optimizer `{o}`: use lars or sgd"
+                    )))
+                }
+            };
+            if epochs == 0 || batch == 0 || !(blr > 0.0) || warmup > epochs {
+                return Err(Failure::Input(format!(
+                    "need epochs >= 1, batch >= 1, blr > 0 and warmup <= epochs (got {epochs}, {batch}, {blr}, {warmup})"
+                )));
+            }
+            let spec = LinearSpec {
+                epochs,
+                batch_size: batch,
+                blr,
+                warmup_epochs: warmup,
+                optimizer,
+                ..LinearSpec::default()
+            };
+            let (loaded, device, fs) = feature_set(&source)?;
+            let r = probe::linear_probe(&fs.train, &fs.test, fs.classes, &spec, &device)
+                .map_err(Failure::Run)?;
+            let row = json!({
+                "kind": "linear", "model": loaded.label, "step": loaded.step,
+                "pool": source.pool, "train_images": fs.train.n, "test_images": fs.test.n,
+                "dim": fs.train.dim, "spec": spec, "top1": r.test.top1, "top5": r.test.top5,
+                "train_top1": r.train_top1, "lr": r.lr,
+            });
+            record(&loaded, &row)?;
+            if source.json {
+                println!("{row}");
+            } else {
+                println!(
+                    "linear probe {}: top-1 {:.2}%  top-5 {:.2}%  (train top-1 {:.2}%, {} train / {} test images, {}-d {} features{})",
+                    loaded.label,
+                    r.test.top1 * 100.0,
+                    r.test.top5 * 100.0,
+                    r.train_top1 * 100.0,
+                    fs.train.n,
+                    fs.test.n,
+                    fs.train.dim,
+                    source.pool,
+                    if fs.cached { ", cached" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        EvalCommand::Knn {
+            source,
+            k,
+            temperature,
+        } => {
+            let spec = KnnSpec { k, temperature };
+            let (loaded, device, fs) = feature_set(&source)?;
+            let a = probe::knn(&fs.train, &fs.test, fs.classes, &spec, &device)
+                .map_err(Failure::Input)?;
+            let row = json!({
+                "kind": "knn", "model": loaded.label, "step": loaded.step,
+                "pool": source.pool, "train_images": fs.train.n, "test_images": fs.test.n,
+                "k": k, "temperature": temperature, "top1": a.top1, "top5": a.top5,
+            });
+            record(&loaded, &row)?;
+            if source.json {
+                println!("{row}");
+            } else {
+                println!(
+                    "kNN (k {k}, T {temperature}) {}: top-1 {:.2}%  top-5 {:.2}%  ({} train / {} test images{})",
+                    loaded.label,
+                    a.top1 * 100.0,
+                    a.top5 * 100.0,
+                    fs.train.n,
+                    fs.test.n,
+                    if fs.cached { ", cached features" } else { "" }
+                );
+            }
+            Ok(())
+        }
+    }
+}

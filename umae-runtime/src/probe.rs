@@ -1,0 +1,441 @@
+//! Offline evaluation on frozen features: the linear probe of MAE's protocol and weighted kNN.
+//!
+//! Linear probe: BatchNorm without affine parameters, then a linear layer, trained with
+//! cross-entropy and no weight decay by LARS (MAE's choice) or SGD with momentum, lr =
+//! blr * batch / 256 with linear warmup and a half-cosine decay, per iteration.
+//! kNN: cosine similarity on L2-normalised features, the k nearest training samples vote with
+//! weight exp(sim / T) (as in InstDisc/DINO).
+
+use serde::{Deserialize, Serialize};
+use umae_api::burn::nn::loss::CrossEntropyLossConfig;
+use umae_api::burn::tensor::{Int, Tensor, TensorData};
+use umae_api::{Device, Inner, Rng, B};
+
+use crate::features::Features;
+use crate::progress;
+
+/// The optimizer of the linear probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeOptimizer {
+    /// Layer-wise adaptive rate scaling (You et al. 2017), trust coefficient 0.001, as MAE.
+    Lars,
+    /// SGD with momentum.
+    Sgd,
+}
+
+/// Linear-probe settings (MAE's defaults except the batch, sized for small datasets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinearSpec {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Base learning rate: lr = blr * batch_size / 256.
+    pub blr: f64,
+    pub warmup_epochs: usize,
+    pub optimizer: ProbeOptimizer,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+}
+
+impl Default for LinearSpec {
+    fn default() -> Self {
+        LinearSpec {
+            epochs: 90,
+            batch_size: 256,
+            blr: 0.1,
+            warmup_epochs: 10,
+            optimizer: ProbeOptimizer::Lars,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Top-1 / top-5 accuracy (fractions).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    pub top1: f64,
+    pub top5: f64,
+}
+
+/// Result of a linear probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinearResult {
+    pub test: Accuracy,
+    pub train_top1: f64,
+    pub final_loss: f64,
+    pub epochs: usize,
+    pub lr: f64,
+}
+
+fn to_device(f: &Features, device: &Device) -> Tensor<Inner, 2> {
+    Tensor::from_data(TensorData::new(f.data.clone(), [f.n, f.dim]), device)
+}
+
+fn check(train: &Features, test: &Features, classes: usize) -> Result<(), String> {
+    if train.n == 0 || test.n == 0 {
+        return Err("no features to evaluate (the train or test split is empty)".into());
+    }
+    if train.dim != test.dim {
+        return Err(format!(
+            "train features have width {}, test features {}",
+            train.dim, test.dim
+        ));
+    }
+    if let Some(l) = train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .find(|l| **l < 0 || **l as usize >= classes)
+    {
+        return Err(format!(
+            "label {l} is outside 0..{classes}: set data.num_classes in the recipe"
+        ));
+    }
+    Ok(())
+}
+
+/// Top-1 and top-5 accuracy of `[n, c]` scores.
+fn accuracy(scores: &[f32], labels: &[i64], c: usize) -> (usize, usize) {
+    let mut top1 = 0;
+    let mut top5 = 0;
+    for (row, &y) in scores.chunks_exact(c).zip(labels) {
+        let sy = row[y as usize];
+        let better = row.iter().filter(|&&v| v > sy).count();
+        top1 += (better == 0) as usize;
+        top5 += (better < 5) as usize;
+    }
+    (top1, top5)
+}
+
+/// Learning rate at fractional epoch `t`: linear warmup, then half-cosine to 0.
+pub fn probe_lr(t: f64, peak: f64, warmup: f64, epochs: f64) -> f64 {
+    if t < warmup {
+        peak * t / warmup
+    } else {
+        let p = (t - warmup) / (epochs - warmup).max(1e-12);
+        peak * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
+    }
+}
+
+/// Train a linear probe on `train`, report accuracy on `test`.
+pub fn linear_probe(
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    spec: &LinearSpec,
+    device: &Device,
+) -> Result<LinearResult, String> {
+    check(train, test, classes)?;
+    if spec.batch_size == 0 || spec.epochs == 0 {
+        return Err("linear probe: epochs and batch_size must be at least 1".into());
+    }
+    let d = train.dim;
+    let batch = spec.batch_size.min(train.n);
+    let steps = train.n / batch;
+    let lr_peak = spec.blr * batch as f64 / 256.0;
+    let x_all = to_device(train, device);
+    let y_all: Tensor<Inner, 1, Int> =
+        Tensor::from_data(TensorData::new(train.labels.clone(), [train.n]), device);
+    // MAE initialises the head with trunc_normal(std=0.01) and a zero bias.
+    let mut init = Rng::derive(spec.seed, &[0x11AE]);
+    let w0: Vec<f32> = (0..d * classes)
+        .map(|_| (init.normal().clamp(-2.0, 2.0) * 0.01) as f32)
+        .collect();
+    let mut w: Tensor<Inner, 2> = Tensor::from_data(TensorData::new(w0, [d, classes]), device);
+    let mut b: Tensor<Inner, 1> = Tensor::zeros([classes], device);
+    let mut mw: Tensor<Inner, 2> = Tensor::zeros([d, classes], device);
+    let mut mb: Tensor<Inner, 1> = Tensor::zeros([classes], device);
+    let mut run_mean: Tensor<Inner, 1> = Tensor::zeros([d], device);
+    let mut run_var: Tensor<Inner, 1> = Tensor::ones([d], device);
+    let ce = CrossEntropyLossConfig::new().init(device);
+    let mut rng = Rng::derive(spec.seed, &[0x9B0B]);
+    let mut last_loss = Tensor::<B, 1>::zeros([1], device);
+    let mut correct = Tensor::<B, 1>::zeros([1], device);
+    let bar = progress::bar((spec.epochs * steps) as u64, "linear probe");
+    for epoch in 0..spec.epochs {
+        let order: Vec<i64> = rng
+            .permutation(train.n)
+            .into_iter()
+            .map(|i| i as i64)
+            .collect();
+        correct = Tensor::zeros([1], device);
+        for s in 0..steps {
+            let lr = probe_lr(
+                epoch as f64 + s as f64 / steps as f64,
+                lr_peak,
+                spec.warmup_epochs as f64,
+                spec.epochs as f64,
+            );
+            let idx: Tensor<Inner, 1, Int> = Tensor::from_data(
+                TensorData::new(order[s * batch..(s + 1) * batch].to_vec(), [batch]),
+                device,
+            );
+            let x = Tensor::<B, 2>::from_inner(x_all.clone().select(0, idx.clone()));
+            let y = Tensor::<B, 1, Int>::from_inner(y_all.clone().select(0, idx));
+            let mean = x.clone().mean_dim(0);
+            let var = (x.clone() - mean.clone()).powf_scalar(2.0).mean_dim(0);
+            run_mean = run_mean * 0.9 + mean.clone().inner().reshape([d]) * 0.1;
+            let unbiased = batch as f64 / (batch as f64 - 1.0).max(1.0);
+            run_var = run_var * 0.9 + var.clone().inner().reshape([d]) * (0.1 * unbiased);
+            let xn = (x - mean) / (var + 1e-6).sqrt();
+            let wt = Tensor::<B, 2>::from_inner(w.clone()).require_grad();
+            let bt = Tensor::<B, 1>::from_inner(b.clone()).require_grad();
+            let logits = xn.matmul(wt.clone()) + bt.clone().reshape([1, classes]);
+            let loss = ce.forward(logits.clone(), y.clone());
+            correct = correct
+                + logits
+                    .detach()
+                    .argmax(1)
+                    .reshape([batch])
+                    .equal(y)
+                    .float()
+                    .sum();
+            let grads = loss.backward();
+            let gw = wt.grad(&grads).expect("weight gradient");
+            let gb = bt.grad(&grads).expect("bias gradient");
+            last_loss = loss.detach();
+            let gw = gw + w.clone() * spec.weight_decay;
+            let gw = match spec.optimizer {
+                ProbeOptimizer::Sgd => gw,
+                ProbeOptimizer::Lars => {
+                    // trust = eta * |w| / |g| where both are non-zero, else 1.
+                    let pn = w.clone().powf_scalar(2.0).sum().sqrt();
+                    let gn = gw.clone().powf_scalar(2.0).sum().sqrt();
+                    let ratio = (pn.clone() * 0.001) / (gn.clone() + 1e-30);
+                    let ok = pn.greater_elem(0.0).float() * gn.greater_elem(0.0).float();
+                    let trust = ratio * ok.clone() + (ok.neg() + 1.0);
+                    gw * trust.reshape([1, 1])
+                }
+            };
+            mw = mw * spec.momentum + gw;
+            mb = mb * spec.momentum + gb;
+            w = w - mw.clone() * lr;
+            b = b - mb.clone() * lr;
+            progress::tick(&bar, 1);
+        }
+    }
+    progress::finish(bar);
+    let train_top1 = correct.into_scalar() as f64 / (steps * batch) as f64;
+    // Test with the running statistics.
+    let xt = to_device(test, device);
+    let xn = (xt - run_mean.reshape([1, d])) / (run_var.reshape([1, d]) + 1e-6).sqrt();
+    let logits = xn.matmul(w) + b.reshape([1, classes]);
+    let scores: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| format!("{e:?}"))?;
+    let (t1, t5) = accuracy(&scores, &test.labels, classes);
+    let final_loss = last_loss.into_scalar() as f64;
+    if !final_loss.is_finite() {
+        return Err(format!(
+            "the linear probe diverged (loss {final_loss}): lower --blr"
+        ));
+    }
+    Ok(LinearResult {
+        test: Accuracy {
+            top1: t1 as f64 / test.n as f64,
+            top5: t5 as f64 / test.n as f64,
+        },
+        train_top1,
+        final_loss,
+        epochs: spec.epochs,
+        lr: lr_peak,
+    })
+}
+
+/// kNN settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KnnSpec {
+    pub k: usize,
+    pub temperature: f64,
+}
+
+impl Default for KnnSpec {
+    fn default() -> Self {
+        KnnSpec {
+            k: 20,
+            temperature: 0.07,
+        }
+    }
+}
+
+fn normalized(f: &Features, device: &Device) -> Tensor<Inner, 2> {
+    let mut data = f.data.clone();
+    crate::analysis::normalize_rows(&mut data, f.dim);
+    Tensor::from_data(TensorData::new(data, [f.n, f.dim]), device)
+}
+
+/// Weighted kNN accuracy of `test` against `train`.
+pub fn knn(
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    spec: &KnnSpec,
+    device: &Device,
+) -> Result<Accuracy, String> {
+    check(train, test, classes)?;
+    if spec.k == 0 || !(spec.temperature > 0.0) {
+        return Err(format!(
+            "kNN needs k >= 1 and temperature > 0 (got k {}, temperature {})",
+            spec.k, spec.temperature
+        ));
+    }
+    let k = spec.k.min(train.n);
+    let bank = normalized(train, device).transpose();
+    let queries = normalized(test, device);
+    let chunk = 256;
+    let (mut t1, mut t5) = (0usize, 0usize);
+    let bar = progress::bar(test.n as u64, "kNN");
+    for start in (0..test.n).step_by(chunk) {
+        let m = chunk.min(test.n - start);
+        let sim = queries.clone().narrow(0, start, m).matmul(bank.clone());
+        let (vals, idx) = sim.topk_with_indices(k, 1);
+        let vals: Vec<f32> = vals
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| format!("{e:?}"))?;
+        let idx: Vec<i64> = idx
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .map_err(|e| format!("{e:?}"))?;
+        let mut scores = vec![0f32; m * classes];
+        for q in 0..m {
+            for j in 0..k {
+                let label = train.labels[idx[q * k + j] as usize] as usize;
+                scores[q * classes + label] +=
+                    ((vals[q * k + j] as f64) / spec.temperature).exp() as f32;
+            }
+        }
+        let (a, b) = accuracy(&scores, &test.labels[start..start + m], classes);
+        t1 += a;
+        t5 += b;
+        progress::tick(&bar, m as u64);
+    }
+    progress::finish(bar);
+    Ok(Accuracy {
+        top1: t1 as f64 / test.n as f64,
+        top5: t5 as f64 / test.n as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two well-separated Gaussian blobs per class in 8-d.
+    fn blobs(n: usize, classes: usize, seed: u64) -> Features {
+        let mut rng = Rng::new(seed);
+        let dim = 8;
+        let mut data = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let c = i % classes;
+            for j in 0..dim {
+                let centre = if j == c { 4.0 } else { 0.0 };
+                data.push((centre + rng.normal()) as f32);
+            }
+            labels.push(c as i64);
+        }
+        Features {
+            data,
+            labels,
+            n,
+            dim,
+        }
+    }
+
+    fn cpu() -> Device {
+        crate::parse_device("cpu").unwrap()
+    }
+
+    #[test]
+    fn linear_probe_separates_blobs_with_both_optimizers() {
+        let (train, test) = (blobs(600, 4, 1), blobs(200, 4, 2));
+        for opt in [ProbeOptimizer::Lars, ProbeOptimizer::Sgd] {
+            let spec = LinearSpec {
+                epochs: 10,
+                batch_size: 64,
+                warmup_epochs: 1,
+                optimizer: opt,
+                ..LinearSpec::default()
+            };
+            let r = linear_probe(&train, &test, 4, &spec, &cpu()).unwrap();
+            assert!(r.test.top1 > 0.95, "{opt:?}: {r:?}");
+            assert_eq!(r.test.top5, 1.0);
+        }
+    }
+
+    #[test]
+    fn linear_probe_on_shuffled_labels_is_at_chance() {
+        let train = blobs(600, 4, 1);
+        let mut test = blobs(400, 4, 2);
+        let mut rng = Rng::new(9);
+        for l in &mut test.labels {
+            *l = (rng.below(4)) as i64;
+        }
+        let spec = LinearSpec {
+            epochs: 5,
+            batch_size: 64,
+            warmup_epochs: 1,
+            ..LinearSpec::default()
+        };
+        let r = linear_probe(&train, &test, 4, &spec, &cpu()).unwrap();
+        assert!(r.test.top1 < 0.4, "{r:?}");
+    }
+
+    #[test]
+    fn knn_votes_with_neighbours() {
+        let (train, test) = (blobs(400, 4, 3), blobs(100, 4, 4));
+        let a = knn(&train, &test, 4, &KnnSpec::default(), &cpu()).unwrap();
+        assert!(a.top1 > 0.95, "{a:?}");
+        // k = 1 on the training set itself finds every point.
+        let one = knn(
+            &train,
+            &train,
+            4,
+            &KnnSpec {
+                k: 1,
+                temperature: 0.07,
+            },
+            &cpu(),
+        )
+        .unwrap();
+        assert_eq!(one.top1, 1.0);
+    }
+
+    #[test]
+    fn bad_labels_and_settings_are_reported() {
+        let (train, mut test) = (blobs(40, 4, 3), blobs(10, 4, 4));
+        test.labels[0] = 7;
+        let e = knn(&train, &test, 4, &KnnSpec::default(), &cpu()).unwrap_err();
+        assert!(e.contains("label 7"), "{e}");
+        let e = knn(
+            &train,
+            &train,
+            4,
+            &KnnSpec {
+                k: 0,
+                temperature: 0.07,
+            },
+            &cpu(),
+        )
+        .unwrap_err();
+        assert!(e.contains("k >= 1"), "{e}");
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert_eq!(probe_lr(0.0, 1.0, 2.0, 10.0), 0.0);
+        assert!((probe_lr(1.0, 1.0, 2.0, 10.0) - 0.5).abs() < 1e-12);
+        assert!((probe_lr(2.0, 1.0, 2.0, 10.0) - 1.0).abs() < 1e-12);
+        assert!((probe_lr(6.0, 1.0, 2.0, 10.0) - 0.5).abs() < 1e-12);
+        assert!(probe_lr(10.0, 1.0, 2.0, 10.0).abs() < 1e-12);
+    }
+}
