@@ -1,5 +1,6 @@
 //! Command-line interface.
 
+mod analyze;
 mod eval;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +68,22 @@ enum Command {
     /// Evaluate a frozen or fine-tuned encoder: linear probe, kNN, fine-tuning.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// The paper's analyses: effective rank, mask-ratio study, t-SNE, reconstructions.
+    #[command(subcommand)]
+    Analyze(analyze::AnalyzeCommand),
+    /// PNG figures from run directories: loss, online probe, effective rank, spectra,
+    /// mask-ratio curves and t-SNE (whatever the runs have data for).
+    Plot {
+        /// Run directories, plotted together.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(long, short, default_value = "figures")]
+        output: PathBuf,
+        /// Legend names, comma separated (default: the run folder names).
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
+    },
     /// Time training steps on synthetic input of the recipe's shape.
     Bench {
         #[command(flatten)]
@@ -133,6 +150,23 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Plugins { kind } => plugins(kind.as_deref()),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Analyze(cmd) => analyze::run(cmd),
+        Command::Plot {
+            runs,
+            output,
+            names,
+        } => {
+            let files = analyze::plot_runs(&runs, &output, &names)?;
+            if files.is_empty() {
+                return Err(Failure::Input(
+                    "the runs have nothing to plot yet (no metrics rows)".into(),
+                ));
+            }
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
         Command::Check { recipe, json } => {
             let r = load(&recipe.recipe, &recipe.sets)?;
             let device = parse_device("cpu").map_err(Failure::Input)?;

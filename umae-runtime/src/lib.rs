@@ -2,18 +2,22 @@
 //! checkpoints, analyses and benchmarks. Plugins never depend on this crate.
 
 pub mod analysis;
+pub mod analyze;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod features;
+pub mod maskratio;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod probe;
 pub mod progress;
 pub mod source;
 pub mod step;
 pub mod train;
+pub mod tsne;
 
 pub use device::parse_device;
 pub use model::{Model, Report};
