@@ -2,6 +2,7 @@
 
 mod analyze;
 mod eval;
+mod interop;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,6 +85,34 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         names: Vec<String>,
     },
+    /// Write the encoder of a run (or checkpoint, or recipe) for PyTorch: `--format timm` gives
+    /// a safetensors state dict with timm VisionTransformer names and layouts.
+    Export {
+        #[command(flatten)]
+        source: eval::SourceArgs,
+        /// Output layout (timm).
+        #[arg(long, default_value = "timm")]
+        format: String,
+        /// Output file (default: <run>/export/<checkpoint>-timm.safetensors).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Read a PyTorch encoder (official MAE `.pth` such as mae_pretrain_vit_base.pth, a timm
+    /// state dict, or `umae export` output) into a new run directory for eval, analysis or
+    /// further pretraining.
+    Import {
+        /// Checkpoint file (.pth, .pt or .safetensors).
+        file: PathBuf,
+        /// Recipe describing the encoder (e.g. recipes/mae-vitb.ron).
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Override a recipe field (repeatable).
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
+        /// New run directory.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Time training steps on synthetic input of the recipe's shape.
     Bench {
         #[command(flatten)]
@@ -151,6 +180,17 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Plugins { kind } => plugins(kind.as_deref()),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Analyze(cmd) => analyze::run(cmd),
+        Command::Export {
+            source,
+            format,
+            output,
+        } => interop::export(source, &format, output),
+        Command::Import {
+            file,
+            recipe,
+            sets,
+            output,
+        } => interop::import(file, recipe, sets, output),
         Command::Plot {
             runs,
             output,

@@ -53,7 +53,14 @@ pub trait EncoderModule: AutodiffModule<B> + 'static {
     fn fixed_params(&self) -> usize {
         0
     }
+    /// The fixed tensors behind `fixed_params`, as `(name, shape, values)` (for export).
+    fn constants(&self) -> Vec<Constant> {
+        Vec::new()
+    }
 }
+
+/// A fixed (untrained) tensor of a component: name, shape, row-major values.
+pub type Constant = (String, Vec<usize>, Vec<f32>);
 
 /// Object-safe encoder, implemented for every [`EncoderModule`].
 pub trait Encoder: Trainable {
@@ -62,6 +69,7 @@ pub trait Encoder: Trainable {
     fn mask_mode(&self) -> MaskMode;
     fn geometry(&self) -> PatchGeometry;
     fn fixed_params(&self) -> usize;
+    fn constants(&self) -> Vec<Constant>;
 }
 
 impl<M: EncoderModule> Encoder for M {
@@ -79,6 +87,9 @@ impl<M: EncoderModule> Encoder for M {
     }
     fn fixed_params(&self) -> usize {
         EncoderModule::fixed_params(self)
+    }
+    fn constants(&self) -> Vec<Constant> {
+        EncoderModule::constants(self)
     }
 }
 

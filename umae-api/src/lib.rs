@@ -25,7 +25,7 @@ pub use inventory;
 pub use serde;
 
 pub use components::{
-    Decoder, DecoderModule, Encoder, EncoderModule, EncoderOutput, MaskMode, Masker, Regularizer,
+    Constant, Decoder, DecoderModule, Encoder, EncoderModule, EncoderOutput, MaskMode, Masker, Regularizer,
     Target,
 };
 pub use geometry::PatchGeometry;

@@ -133,7 +133,8 @@ fn evaluate_probe(
     Ok(correct / total.max(1) as f64)
 }
 
-fn save_checkpoint(
+/// Write checkpoint `epoch-NNNN` of `state.epoch` atomically and point `latest` at it.
+pub fn save_checkpoint(
     run_dir: &Path,
     model: &Model,
     norm: &Option<ProbeNorm>,
@@ -205,6 +206,32 @@ fn load_checkpoint(
     Ok(state)
 }
 
+/// The training position before the first step.
+pub fn initial_state(recipe: &Recipe) -> State {
+    State {
+        epoch: 0,
+        step: 0,
+        rng: Rng::derive(recipe.seed, &[0x4D41_534B]),
+        umae_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Start a run directory whose first checkpoint (`epoch-0000`) holds `model` as it is now, e.g.
+/// an imported encoder. Evaluations read it; `umae run --resume` continues pretraining from it.
+pub fn start_run_from(recipe: &Recipe, model: &Model, run_dir: &Path) -> Result<(), String> {
+    if checkpoint::latest(run_dir)?.is_some() || run_dir.join("metrics.jsonl").exists() {
+        return Err(format!(
+            "{} already holds a run: choose another output folder",
+            run_dir.display()
+        ));
+    }
+    fs::create_dir_all(run_dir.join("checkpoints"))
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    checkpoint::write_file_atomic(&run_dir.join("recipe.ron"), &recipe.tree.to_ron())?;
+    let opt = AdamW::new(recipe.optimizer.clone());
+    save_checkpoint(run_dir, model, &None, &opt, &initial_state(recipe))
+}
+
 /// Train a recipe into a run directory.
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     let device = &opts.device;
@@ -238,12 +265,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         path: run_dir.join("metrics.jsonl"),
     };
 
-    let mut state = State {
-        epoch: 0,
-        step: 0,
-        rng: Rng::derive(recipe.seed, &[0x4D41_534B]),
-        umae_version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let mut state = initial_state(recipe);
     if opts.resume {
         match &existing {
             Some(dir) => {

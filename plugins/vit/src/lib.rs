@@ -223,6 +223,18 @@ impl EncoderModule for Vit<B> {
     fn fixed_params(&self) -> usize {
         self.pos_embed.shape().num_elements()
     }
+
+    fn constants(&self) -> Vec<umae_api::Constant> {
+        let [t, d] = self.pos_embed.dims();
+        let values = self
+            .pos_embed
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 position embedding");
+        vec![("pos_embed".into(), vec![1, t, d], values)]
+    }
 }
 
 fn build(p: &VitParams, ctx: &BuildContext) -> Result<Vit<B>, PluginError> {
