@@ -19,7 +19,9 @@ pub fn export(source: SourceArgs, format: &str, output: Option<PathBuf>) -> Resu
     let path = output.unwrap_or_else(|| {
         let base = match &loaded.run_dir {
             Some(r) => r.join("export"),
-            None => PathBuf::from("runs").join(&loaded.recipe.name).join("export"),
+            None => PathBuf::from("runs")
+                .join(&loaded.recipe.name)
+                .join("export"),
         };
         let ck = loaded
             .checkpoint
@@ -35,14 +37,21 @@ pub fn export(source: SourceArgs, format: &str, output: Option<PathBuf>) -> Resu
     }
     let g = loaded.model.geometry;
     let dim = loaded.model.encoder.dim();
-    let depth = state.keys().filter(|k| k.ends_with(".attn.qkv.weight")).count();
+    let depth = state
+        .keys()
+        .filter(|k| k.ends_with(".attn.qkv.weight"))
+        .count();
     let arch = format!(
         "{{\"img_size\": {}, \"patch_size\": {}, \"in_chans\": {}, \"embed_dim\": {dim}, \"depth\": {depth}}}",
         g.height, g.patch, g.channels
     );
     let tmp = path.with_extension("tmp");
-    checkpoint::write_safetensors_meta(&tmp, &state, &[("format", "pt"), ("umae.timm_args", &arch)])
-        .map_err(Failure::Run)?;
+    checkpoint::write_safetensors_meta(
+        &tmp,
+        &state,
+        &[("format", "pt"), ("umae.timm_args", &arch)],
+    )
+    .map_err(Failure::Run)?;
     std::fs::rename(&tmp, &path)
         .map_err(|e| Failure::Run(format!("cannot move {} into place: {e}", path.display())))?;
     println!(
@@ -69,8 +78,7 @@ pub fn import(
     let device = umae_runtime::parse_device("cpu").map_err(Failure::Input)?;
     let state = interop::read_state_dict(&file).map_err(Failure::Input)?;
     let mut model = Model::build(&r, &device).map_err(|e| Failure::Input(e.to_string()))?;
-    let ignored =
-        interop::load_timm(&mut model, &state, &device, &file).map_err(Failure::Input)?;
+    let ignored = interop::load_timm(&mut model, &state, &device, &file).map_err(Failure::Input)?;
     umae_runtime::train::start_run_from(&r, &model, &output).map_err(Failure::Input)?;
     println!(
         "imported {} tensors of {} into {} (checkpoint epoch-0000){}",
@@ -83,7 +91,12 @@ pub fn import(
             format!(
                 "; ignored {} tensor(s) the encoder has no place for (e.g. {})",
                 ignored.len(),
-                ignored.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                ignored
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         }
     );

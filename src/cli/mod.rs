@@ -267,7 +267,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             )
             .map_err(Failure::Run)?;
             println!(
-                "done: {} epochs, {} steps, final target loss {:.4}{}{} -> {}",
+                "done: {} epochs, {} steps, final target loss {:.4}{}{}{} -> {}",
                 summary.epochs,
                 summary.steps,
                 summary.last_target_loss,
@@ -279,6 +279,14 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     .erank
                     .map(|e| format!(", erank {e:.2}"))
                     .unwrap_or_default(),
+                summary
+                    .linear
+                    .map(|a| format!(", linear probe {:.2}%", a * 100.0))
+                    .unwrap_or_default()
+                    + &summary
+                        .knn
+                        .map(|a| format!(", kNN {:.2}%", a * 100.0))
+                        .unwrap_or_default(),
                 run_dir.display()
             );
             Ok(())

@@ -25,8 +25,8 @@ pub use inventory;
 pub use serde;
 
 pub use components::{
-    Constant, Decoder, DecoderModule, Encoder, EncoderModule, EncoderOutput, MaskMode, Masker, Regularizer,
-    Target,
+    Constant, Decoder, DecoderModule, Encoder, EncoderModule, EncoderOutput, MaskMode, Masker,
+    Regularizer, Target,
 };
 pub use geometry::PatchGeometry;
 pub use mask::{Mask, MaskPlan};

@@ -213,11 +213,71 @@ impl Default for TrainSpec {
     }
 }
 
-/// Which encoder feature an analysis uses.
+/// Which encoder feature the offline evaluations use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FeatureKind {
-    /// The encoder's pooled feature (class token, or mean of patches without one).
-    Pooled,
+pub enum FeaturePool {
+    /// What the encoder's own `pool` parameter gives.
+    Model,
+    /// The class token.
+    Cls,
+    /// The mean of the patch tokens.
+    Mean,
+}
+
+/// The optimizer of the offline linear probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeOptimizer {
+    /// Layer-wise adaptive rate scaling (You et al. 2017), trust coefficient 0.001, as MAE.
+    Lars,
+    /// SGD with momentum.
+    Sgd,
+}
+
+/// Offline linear probe (MAE's protocol; the batch is sized for small datasets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinearSpec {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Base learning rate: lr = blr * batch_size / 256.
+    pub blr: f64,
+    pub warmup_epochs: usize,
+    pub optimizer: ProbeOptimizer,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+}
+
+impl Default for LinearSpec {
+    fn default() -> Self {
+        LinearSpec {
+            epochs: 90,
+            batch_size: 256,
+            blr: 0.1,
+            warmup_epochs: 10,
+            optimizer: ProbeOptimizer::Lars,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Weighted kNN on L2-normalised features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KnnSpec {
+    pub k: usize,
+    pub temperature: f64,
+}
+
+impl Default for KnnSpec {
+    fn default() -> Self {
+        KnnSpec {
+            k: 20,
+            temperature: 0.07,
+        }
+    }
 }
 
 /// `eval: (...)`.
@@ -230,8 +290,19 @@ pub struct EvalSpec {
     /// Constant learning rate of the online probe (AdamW, no weight decay). The probe only
     /// measures the features, so it is not tied to the pretraining schedule.
     pub probe_lr: f64,
-    /// Effective rank of pooled features on this many test images every epoch (0: off).
+    /// Effective rank of pooled features on this many test images (0: off).
     pub erank_samples: usize,
+    /// Compute the effective rank every this many epochs (and after the last).
+    pub erank_every: usize,
+    /// Offline linear probe on frozen features after the last epoch (and every
+    /// `offline_every` epochs), as `umae eval linear`.
+    pub linear: Option<LinearSpec>,
+    /// Weighted kNN after the last epoch (and every `offline_every` epochs).
+    pub knn: Option<KnnSpec>,
+    /// Also run `linear` / `knn` every this many epochs (0: only after the last).
+    pub offline_every: usize,
+    /// Feature for `linear` and `knn`.
+    pub pool: FeaturePool,
 }
 
 impl Default for EvalSpec {
@@ -240,6 +311,11 @@ impl Default for EvalSpec {
             online_probe: true,
             probe_lr: 1e-3,
             erank_samples: 0,
+            erank_every: 1,
+            linear: None,
+            knn: None,
+            offline_every: 0,
+            pool: FeaturePool::Model,
         }
     }
 }

@@ -41,6 +41,9 @@ pub trait Trainable: Send {
     fn visit_grads(&self, grads: &Grads, f: &mut dyn FnMut(&ParamInfo, Tensor<Inner, 1>));
     /// Replace every float parameter by `f(info, value)` (same number of elements).
     fn map_params(&mut self, f: &mut dyn FnMut(&ParamInfo, Tensor<Inner, 1>) -> Tensor<Inner, 1>);
+    /// Stop tracking gradients of every parameter: forward passes then build no autodiff graph
+    /// (frozen-feature evaluation; without it each pass's graph is kept alive).
+    fn freeze(&mut self);
 }
 
 #[derive(Default)]
@@ -124,6 +127,10 @@ impl ModuleMapper<B> for Map<'_> {
 }
 
 impl<M: AutodiffModule<B> + 'static> Trainable for M {
+    fn freeze(&mut self) {
+        *self = burn::module::Module::no_grad(self.clone());
+    }
+
     fn num_params(&self) -> usize {
         burn::module::Module::num_params(self)
     }

@@ -35,6 +35,14 @@ impl Pool {
         }
     }
 
+    pub fn from_recipe(p: umae_api::recipe::FeaturePool) -> Pool {
+        match p {
+            umae_api::recipe::FeaturePool::Model => Pool::Model,
+            umae_api::recipe::FeaturePool::Cls => Pool::Cls,
+            umae_api::recipe::FeaturePool::Mean => Pool::Mean,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Pool::Model => "model",

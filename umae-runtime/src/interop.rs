@@ -156,11 +156,20 @@ pub fn load_timm(
             "{} does not fit this encoder ({} problem(s)): {}{}",
             source.display(),
             problems.len(),
-            problems.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+            problems
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; "),
             if problems.len() > 5 { "; ..." } else { "" }
         ));
     }
-    let mut ignored: Vec<String> = state.keys().filter(|k| !used.contains(*k)).cloned().collect();
+    let mut ignored: Vec<String> = state
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
+        .collect();
     ignored.sort();
     Ok(ignored)
 }
@@ -169,7 +178,10 @@ pub fn load_timm(
 /// tensors sit at the top level or under `model` / `state_dict` (as in MAE's releases).
 pub fn read_state_dict(path: &Path) -> Result<HashMap<String, HostTensor>, String> {
     if !path.is_file() {
-        return Err(format!("{} does not exist or is not a file", path.display()));
+        return Err(format!(
+            "{} does not exist or is not a file",
+            path.display()
+        ));
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if ext == "safetensors" {
@@ -190,11 +202,16 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, HostTensor>, Strin
                         .to_data()
                         .map_err(|e| format!("{}: cannot read `{name}`: {e:?}", path.display()))?;
                     let shape = data.shape.to_vec();
-                    let values = data
-                        .convert::<f32>()
-                        .to_vec::<f32>()
-                        .map_err(|e| format!("{}: `{name}` is not numeric: {e:?}", path.display()))?;
-                    out.insert(name, HostTensor { shape, data: values });
+                    let values = data.convert::<f32>().to_vec::<f32>().map_err(|e| {
+                        format!("{}: `{name}` is not numeric: {e:?}", path.display())
+                    })?;
+                    out.insert(
+                        name,
+                        HostTensor {
+                            shape,
+                            data: values,
+                        },
+                    );
                 }
                 return Ok(out);
             }
@@ -217,12 +234,18 @@ mod tests {
         assert_eq!(timm_name("patch_embed.weight"), "patch_embed.proj.weight");
         assert_eq!(timm_name("blocks.3.norm1.gamma"), "blocks.3.norm1.weight");
         assert_eq!(timm_name("norm.beta"), "norm.bias");
-        assert_eq!(timm_name("blocks.0.attn.qkv.weight"), "blocks.0.attn.qkv.weight");
+        assert_eq!(
+            timm_name("blocks.0.attn.qkv.weight"),
+            "blocks.0.attn.qkv.weight"
+        );
     }
 
     #[test]
     fn transpose_is_an_involution() {
-        let t = HostTensor { shape: vec![2, 3], data: vec![1., 2., 3., 4., 5., 6.] };
+        let t = HostTensor {
+            shape: vec![2, 3],
+            data: vec![1., 2., 3., 4., 5., 6.],
+        };
         let tt = transpose(&t);
         assert_eq!(tt.shape, vec![3, 2]);
         assert_eq!(tt.data, vec![1., 4., 2., 5., 3., 6.]);

@@ -14,44 +14,7 @@ use umae_api::{Device, Inner, Rng, B};
 use crate::features::Features;
 use crate::progress;
 
-/// The optimizer of the linear probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProbeOptimizer {
-    /// Layer-wise adaptive rate scaling (You et al. 2017), trust coefficient 0.001, as MAE.
-    Lars,
-    /// SGD with momentum.
-    Sgd,
-}
-
-/// Linear-probe settings (MAE's defaults except the batch, sized for small datasets).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LinearSpec {
-    pub epochs: usize,
-    pub batch_size: usize,
-    /// Base learning rate: lr = blr * batch_size / 256.
-    pub blr: f64,
-    pub warmup_epochs: usize,
-    pub optimizer: ProbeOptimizer,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    pub seed: u64,
-}
-
-impl Default for LinearSpec {
-    fn default() -> Self {
-        LinearSpec {
-            epochs: 90,
-            batch_size: 256,
-            blr: 0.1,
-            warmup_epochs: 10,
-            optimizer: ProbeOptimizer::Lars,
-            momentum: 0.9,
-            weight_decay: 0.0,
-            seed: 0,
-        }
-    }
-}
+pub use umae_api::recipe::{KnnSpec, LinearSpec, ProbeOptimizer};
 
 /// Top-1 / top-5 accuracy (fractions).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -245,23 +208,6 @@ pub fn linear_probe(
         epochs: spec.epochs,
         lr: lr_peak,
     })
-}
-
-/// kNN settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KnnSpec {
-    pub k: usize,
-    pub temperature: f64,
-}
-
-impl Default for KnnSpec {
-    fn default() -> Self {
-        KnnSpec {
-            k: 20,
-            temperature: 0.07,
-        }
-    }
 }
 
 fn normalized(f: &Features, device: &Device) -> Tensor<Inner, 2> {

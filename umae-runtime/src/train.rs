@@ -33,6 +33,44 @@ pub struct Summary {
     pub last_target_loss: f64,
     pub probe_accuracy: Option<f64>,
     pub erank: Option<f64>,
+    /// Offline linear-probe and kNN top-1 after the last epoch, when the recipe asks for them.
+    pub linear: Option<f64>,
+    pub knn: Option<f64>,
+}
+
+/// The recipe's offline evaluations (`eval.linear`, `eval.knn`) on a checkpoint of the run,
+/// exactly as `umae eval` runs them (features cached under `<run>/features`).
+pub fn offline_eval(
+    run_dir: &Path,
+    checkpoint: &str,
+    device: &Device,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let loaded =
+        crate::source::load(run_dir, Some(checkpoint), &[], device).map_err(|e| e.to_string())?;
+    let ev = loaded.recipe.eval.clone();
+    let pool = crate::features::Pool::from_recipe(ev.pool);
+    let d = &loaded.recipe.data;
+    let fs = crate::features::feature_set(
+        &loaded,
+        pool,
+        d.train_limit,
+        d.eval_limit,
+        256,
+        device,
+        true,
+    )?;
+    let mut row = serde_json::Map::new();
+    if let Some(spec) = &ev.linear {
+        let r = crate::probe::linear_probe(&fs.train, &fs.test, fs.classes, spec, device)?;
+        row.insert("linear.top1".into(), json!(r.test.top1));
+        row.insert("linear.top5".into(), json!(r.test.top5));
+    }
+    if let Some(spec) = &ev.knn {
+        let a = crate::probe::knn(&fs.train, &fs.test, fs.classes, spec, device)?;
+        row.insert("knn.top1".into(), json!(a.top1));
+        row.insert("knn.top5".into(), json!(a.top5));
+    }
+    Ok(row)
 }
 
 struct Metrics {
@@ -441,7 +479,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             row.insert("probe.test_acc".into(), json!(acc));
             summary.probe_accuracy = Some(acc);
         }
-        if let (true, Some(p)) = (recipe.eval.erank_samples > 0, &eval_pipe) {
+        let erank_now =
+            (epoch + 1).is_multiple_of(recipe.eval.erank_every.max(1)) || epoch + 1 == epochs;
+        if let (true, true, Some(p)) = (recipe.eval.erank_samples > 0, erank_now, &eval_pipe) {
             let (f, _, d) = extract_features(&model, p, recipe.eval.erank_samples, batch, device)?;
             let n = f.len() / d;
             let e = analysis::effective_rank(&f, n, d);
@@ -457,8 +497,30 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             serde_json::Value::Object(row.clone())
         );
         metrics.write(serde_json::Value::Object(row))?;
-        if state.epoch.is_multiple_of(recipe.train.checkpoint_every) || state.epoch == epochs {
+        let ev = &recipe.eval;
+        let offline = (ev.linear.is_some() || ev.knn.is_some())
+            && (state.epoch == epochs
+                || (ev.offline_every > 0 && state.epoch.is_multiple_of(ev.offline_every)));
+        if state.epoch.is_multiple_of(recipe.train.checkpoint_every)
+            || state.epoch == epochs
+            || offline
+        {
             save_checkpoint(run_dir, &model, &norm, &opt, &state)?;
+        }
+        if offline {
+            let row = offline_eval(run_dir, &format!("epoch-{:04}", state.epoch), device)?;
+            summary.linear = row.get("linear.top1").and_then(|v| v.as_f64());
+            summary.knn = row.get("knn.top1").and_then(|v| v.as_f64());
+            let mut row = row;
+            row.insert("kind".into(), json!("eval"));
+            row.insert("epoch".into(), json!(state.epoch));
+            row.insert("step".into(), json!(state.step));
+            tracing::info!(
+                "evaluation after epoch {}: {}",
+                state.epoch,
+                serde_json::Value::Object(row.clone())
+            );
+            metrics.write(serde_json::Value::Object(row))?;
         }
     }
     summary.steps = state.step;
