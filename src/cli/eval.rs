@@ -144,7 +144,7 @@ pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
                     )))
                 }
             };
-            if epochs == 0 || batch == 0 || !(blr > 0.0) || warmup > epochs {
+            if epochs == 0 || batch == 0 || blr.is_nan() || blr <= 0.0 || warmup > epochs {
                 return Err(Failure::Input(format!(
                     "need epochs >= 1, batch >= 1, blr > 0 and warmup <= epochs (got {epochs}, {batch}, {blr}, {warmup})"
                 )));

@@ -68,6 +68,7 @@ pub fn rank_of(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 /// [`rank_of`] for every checkpoint of a run (or the one named / the recipe's initial weights).
 pub fn rank_series(
     source_path: &Path,

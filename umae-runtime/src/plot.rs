@@ -55,6 +55,12 @@ fn err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> String + '_ {
     move |e| format!("cannot draw {}: {e:?}", path.display())
 }
 
+/// A labelled 2-D point: (x, y, class).
+pub type LabelledPoint = (f32, f32, usize);
+
+/// An image for [`image_grid`]: (channels, height, width, values).
+pub type GridImage = (usize, usize, usize, Vec<f32>);
+
 /// A named curve.
 pub type Series = (String, Vec<(f64, f64)>);
 
@@ -200,7 +206,7 @@ pub fn panels(path: &Path, charts: &[(&str, &str, &str, Vec<Series>, bool)]) -> 
 /// Scatter plots of labelled 2-D points, one panel per entry, coloured by class.
 pub fn scatter_panels(
     path: &Path,
-    panels: &[(String, Vec<(f32, f32, usize)>)],
+    panels: &[(String, Vec<LabelledPoint>)],
     class_names: &[String],
 ) -> Result<(), String> {
     ensure_font()?;
@@ -263,11 +269,7 @@ pub fn scatter_panels(
 
 /// A grid of images (`[C, H, W]` values in [0, 1]; C = 1 or 3), `scale` x nearest-neighbour,
 /// with a 2-pixel white gutter, written as PNG.
-pub fn image_grid(
-    path: &Path,
-    rows: &[Vec<(usize, usize, usize, Vec<f32>)>],
-    scale: usize,
-) -> Result<(), String> {
+pub fn image_grid(path: &Path, rows: &[Vec<GridImage>], scale: usize) -> Result<(), String> {
     let cell_h = rows
         .iter()
         .flat_map(|r| r.iter().map(|i| i.1))

@@ -225,7 +225,7 @@ pub fn knn(
     device: &Device,
 ) -> Result<Accuracy, String> {
     check(train, test, classes)?;
-    if spec.k == 0 || !(spec.temperature > 0.0) {
+    if spec.k == 0 || spec.temperature.is_nan() || spec.temperature <= 0.0 {
         return Err(format!(
             "kNN needs k >= 1 and temperature > 0 (got k {}, temperature {})",
             spec.k, spec.temperature

@@ -88,7 +88,7 @@ pub fn tsne(x: &[f32], n: usize, d: usize, spec: &TsneSpec) -> Result<Vec<f32>, 
     if n < 4 {
         return Err(format!("t-SNE needs at least 4 points, got {n}"));
     }
-    if !(spec.perplexity > 0.0) || spec.perplexity * 3.0 >= n as f64 {
+    if spec.perplexity.is_nan() || spec.perplexity <= 0.0 || spec.perplexity * 3.0 >= n as f64 {
         return Err(format!(
             "perplexity {} is too large for {n} points (it must be below n / 3)",
             spec.perplexity
