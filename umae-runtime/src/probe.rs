@@ -306,10 +306,17 @@ mod tests {
         let (train, test) = (blobs(600, 4, 1), blobs(200, 4, 2));
         for opt in [ProbeOptimizer::Lars, ProbeOptimizer::Sgd] {
             let spec = LinearSpec {
-                epochs: 10,
+                epochs: 30,
                 batch_size: 64,
                 warmup_epochs: 1,
                 optimizer: opt,
+                // LARS scales each step by 0.001 |w| / |g|, so it needs a large lr (MAE:
+                // blr 0.1 at batch 16384, i.e. lr 6.4), as here.
+                blr: if opt == ProbeOptimizer::Lars {
+                    25.6
+                } else {
+                    0.1
+                },
                 ..LinearSpec::default()
             };
             let r = linear_probe(&train, &test, 4, &spec, &cpu()).unwrap();

@@ -170,7 +170,8 @@ mod tests {
             .collect();
         let spec = TsneSpec {
             perplexity: 10.0,
-            iterations: 400,
+            iterations: 500,
+            learning_rate: 50.0,
             ..TsneSpec::default()
         };
         let y = tsne(&x, n, d, &spec).unwrap();
