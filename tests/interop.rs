@@ -192,32 +192,26 @@ fn import_and_export_commands_round_trip_and_reject_mismatches() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let run_dir = d.join("imported");
-    let o = run(&[
-        "import",
-        export.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--set",
-        "data.format=Synthetic",
-        "-o",
-        run_dir.to_str().unwrap(),
-    ]);
+    let import = |file: &Path, out: &Path| {
+        run(&[
+            "import",
+            file.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--set",
+            "data.format=Synthetic",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = import(&export, &run_dir);
     assert!(o.status.success(), "{}", text(&o));
     assert!(run_dir
         .join("checkpoints/epoch-0000/model.safetensors")
         .exists());
     // A second import into the same folder is refused and leaves it alone.
     let before = std::fs::read(run_dir.join("checkpoints/epoch-0000/model.safetensors")).unwrap();
-    let o = run(&[
-        "import",
-        export.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--set",
-        "data.format=Synthetic",
-        "-o",
-        run_dir.to_str().unwrap(),
-    ]);
+    let o = import(&export, &run_dir);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("already holds a run"), "{}", text(&o));
     assert_eq!(

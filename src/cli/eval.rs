@@ -1,6 +1,6 @@
 //! `umae eval linear | knn | finetune`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -110,19 +110,9 @@ fn feature_set(
 /// Append a result row to `<run>/eval.jsonl` when the source is a run.
 fn record(loaded: &Loaded, row: &serde_json::Value) -> Result<(), Failure> {
     if let Some(dir) = &loaded.run_dir {
-        append_jsonl(&dir.join("eval.jsonl"), row).map_err(Failure::Run)?;
+        umae_runtime::train::append_jsonl(&dir.join("eval.jsonl"), row).map_err(Failure::Run)?;
     }
     Ok(())
-}
-
-pub fn append_jsonl(path: &Path, row: &serde_json::Value) -> Result<(), String> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    writeln!(f, "{row}").map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 pub fn run(cmd: EvalCommand) -> Result<(), Failure> {

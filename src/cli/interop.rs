@@ -23,12 +23,7 @@ pub fn export(source: SourceArgs, format: &str, output: Option<PathBuf>) -> Resu
                 .join(&loaded.recipe.name)
                 .join("export"),
         };
-        let ck = loaded
-            .checkpoint
-            .as_ref()
-            .and_then(|c| c.file_name())
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "init".into());
+        let ck = loaded.checkpoint_name();
         base.join(format!("{ck}-timm.safetensors"))
     });
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -48,17 +48,12 @@ pub fn rank_of(
     let mut rows = f.data.clone();
     analysis::normalize_rows(&mut rows, f.dim);
     let spectrum = analysis::singular_values(&rows, f.n, f.dim);
-    let (checkpoint, epoch) = match &loaded.checkpoint {
-        Some(c) => (
-            c.file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            checkpoint::read_state(c)?.epoch,
-        ),
-        None => ("init".to_string(), 0),
+    let epoch = match &loaded.checkpoint {
+        Some(c) => checkpoint::read_state(c)?.epoch,
+        None => 0,
     };
     Ok(RankPoint {
-        checkpoint,
+        checkpoint: loaded.checkpoint_name(),
         epoch,
         step: loaded.step,
         samples: f.n,
@@ -137,7 +132,7 @@ pub fn mask_ratio(loaded: &Loaded, spec: &MaskRatioSpec) -> Result<MaskRatioStud
     let mut picked: Vec<(usize, usize)> = Vec::new();
     let mut counts = std::collections::BTreeMap::<usize, usize>::new();
     for i in 0..set.len() {
-        let (_, label) = set.get(i)?;
+        let label = set.label(i)?;
         let known = counts.len();
         let c = counts.entry(label).or_insert(0);
         if *c == 0 && known >= spec.classes {

@@ -162,22 +162,21 @@ pub fn load_params(
             }
         });
     }
+    misfit(source, "this model", &problems)
+}
+
+/// `Ok` when `problems` is empty, else one error naming the file and the first five problems.
+pub fn misfit(source: &Path, what: &str, problems: &[String]) -> Result<(), String> {
     if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} does not fit this model ({} problem(s)): {}{}",
-            source.display(),
-            problems.len(),
-            problems
-                .iter()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; "),
-            if problems.len() > 5 { "; ..." } else { "" }
-        ))
+        return Ok(());
     }
+    Err(format!(
+        "{} does not fit {what} ({} problem(s)): {}{}",
+        source.display(),
+        problems.len(),
+        problems[..problems.len().min(5)].join("; "),
+        if problems.len() > 5 { "; ..." } else { "" }
+    ))
 }
 
 /// Write `dir` atomically: fill `dir.tmp`, then rename.

@@ -29,6 +29,10 @@ pub enum Split {
 pub trait Dataset: Send + Sync {
     fn len(&self) -> usize;
     fn get(&self, index: usize) -> Result<(Image, usize), String>;
+    /// The label alone (formats that store it apart from the pixels skip decoding).
+    fn label(&self, index: usize) -> Result<usize, String> {
+        self.get(index).map(|(_, l)| l)
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -47,6 +51,12 @@ pub struct InMemory {
 impl Dataset for InMemory {
     fn len(&self) -> usize {
         self.labels.len()
+    }
+    fn label(&self, index: usize) -> Result<usize, String> {
+        self.labels
+            .get(index)
+            .copied()
+            .ok_or_else(|| format!("image {index} is out of range"))
     }
     fn get(&self, index: usize) -> Result<(Image, usize), String> {
         let n = self.channels * self.height * self.width;
@@ -267,6 +277,12 @@ impl Dataset for ImageFolder {
     fn len(&self) -> usize {
         self.files.len()
     }
+    fn label(&self, index: usize) -> Result<usize, String> {
+        self.files
+            .get(index)
+            .map(|f| f.1)
+            .ok_or_else(|| format!("image {index} is out of range"))
+    }
     fn get(&self, index: usize) -> Result<(Image, usize), String> {
         let (path, label) = &self.files[index];
         let img =
@@ -389,6 +405,9 @@ impl Dataset for Limited {
     }
     fn get(&self, index: usize) -> Result<(Image, usize), String> {
         self.inner.get(index)
+    }
+    fn label(&self, index: usize) -> Result<usize, String> {
+        self.inner.label(index)
     }
 }
 

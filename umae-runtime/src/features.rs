@@ -225,12 +225,7 @@ pub fn features(
     let n = limit.unwrap_or(usize::MAX).min(set.len());
     let key = cache_key(loaded, split, pool, n);
     let file = cache_dir(loaded).filter(|_| use_cache).map(|d| {
-        let ck = loaded
-            .checkpoint
-            .as_ref()
-            .and_then(|c| c.file_name())
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "init".into());
+        let ck = loaded.checkpoint_name();
         let split_name = if split == Split::Train {
             "train"
         } else {

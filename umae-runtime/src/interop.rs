@@ -151,20 +151,7 @@ pub fn load_timm(
             None => {}
         }
     }
-    if !problems.is_empty() {
-        return Err(format!(
-            "{} does not fit this encoder ({} problem(s)): {}{}",
-            source.display(),
-            problems.len(),
-            problems
-                .iter()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; "),
-            if problems.len() > 5 { "; ..." } else { "" }
-        ));
-    }
+    checkpoint::misfit(source, "this encoder", &problems)?;
     let mut ignored: Vec<String> = state
         .keys()
         .filter(|k| !used.contains(*k))

@@ -40,6 +40,16 @@ pub struct Loaded {
     pub step: u64,
 }
 
+impl Loaded {
+    /// `epoch-NNNN` of the loaded checkpoint, or `init` for a recipe's initial weights.
+    pub fn checkpoint_name(&self) -> String {
+        self.checkpoint
+            .as_ref()
+            .map(|c| base_name(c))
+            .unwrap_or_else(|| "init".into())
+    }
+}
+
 /// The checkpoints of a run directory, oldest first.
 pub fn checkpoints(run_dir: &Path) -> Result<Vec<PathBuf>, String> {
     let dir = run_dir.join("checkpoints");

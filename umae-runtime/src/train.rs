@@ -1,7 +1,7 @@
 //! The trainer: epochs of accumulated AdamW steps, metrics, evaluation, checkpoints, resume.
 
 use std::fs::{self, OpenOptions};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,8 +13,10 @@ use umae_api::{Device, Rng};
 use crate::analysis;
 use crate::checkpoint::{self, HostTensor, State};
 use crate::data::{self, Dataset, Loader, Pipeline, Split};
+use crate::features::{encode, Pool};
 use crate::model::{images_tensor, Model};
 use crate::optim::{learning_rate, AdamW};
+use crate::progress;
 use crate::step::{apply_step, probe_logits, train_micro_batch, training_parts, ProbeNorm};
 
 /// How to run.
@@ -73,18 +75,23 @@ pub fn offline_eval(
     Ok(row)
 }
 
+/// Append one JSON row to a `.jsonl` file (created if missing).
+pub fn append_jsonl(path: &Path, row: &serde_json::Value) -> Result<(), String> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    writeln!(f, "{row}").map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 struct Metrics {
     path: PathBuf,
 }
 
 impl Metrics {
     fn write(&self, row: serde_json::Value) -> Result<(), String> {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
-        writeln!(f, "{row}").map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+        append_jsonl(&self.path, &row)
     }
 
     /// Drop rows written after `step` (by a run that stopped before its next checkpoint).
@@ -104,36 +111,6 @@ impl Metrics {
             .collect();
         checkpoint::write_file_atomic(&self.path, &kept)
     }
-}
-
-/// Features (pooled, without masking) and labels of up to `limit` images of a dataset.
-pub fn extract_features(
-    model: &Model,
-    pipeline: &Pipeline,
-    limit: usize,
-    batch: usize,
-    device: &Device,
-) -> Result<(Vec<f32>, Vec<i64>, usize), String> {
-    let n = limit.min(pipeline.dataset.len());
-    let mut feats = Vec::new();
-    let mut labels = Vec::new();
-    let mut dim = model.encoder.dim();
-    for b in Loader::start(pipeline, (0..n).collect(), batch, false, 0, 2) {
-        let b = b?;
-        let x = images_tensor(b.images, b.n, &model.geometry, device);
-        let out = model.encoder.forward(x, None);
-        dim = out.pooled.dims()[1];
-        feats.extend(
-            out.pooled
-                .detach()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .map_err(|e| format!("{e:?}"))?,
-        );
-        labels.extend(b.labels);
-    }
-    Ok((feats, labels, dim))
 }
 
 fn evaluate_probe(
@@ -342,7 +319,6 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         .chain(model.regularizers.iter().map(|r| format!("reg.{}", r.name)))
         .chain(["probe.loss".to_string(), "probe.correct".to_string()])
         .collect();
-    let tty = std::io::stderr().is_terminal();
     let mut summary = Summary {
         epochs,
         steps: state.step,
@@ -365,18 +341,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             epoch as u64,
             recipe.data.workers,
         );
-        let bar = tty.then(|| {
-            let b = indicatif::ProgressBar::new(steps_per_epoch as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
-                )
-                .unwrap()
-                .progress_chars("=> "),
-            );
-            b.set_prefix(format!("{}/{epochs}", epoch + 1));
-            b
-        });
+        let bar = progress::bar(
+            steps_per_epoch as u64,
+            &format!("epoch {}/{epochs}", epoch + 1),
+        );
         let mut sums = vec![0.0f64; names.len()];
         let mut seen = 0usize;
         let mut window_start = Instant::now();
@@ -455,9 +423,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 window_images = 0;
             }
         }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
+        progress::finish(bar);
         state.epoch = epoch + 1;
         let steps = steps_per_epoch as f64;
         let mut row = serde_json::Map::new();
@@ -482,9 +448,17 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         let erank_now =
             (epoch + 1).is_multiple_of(recipe.eval.erank_every.max(1)) || epoch + 1 == epochs;
         if let (true, true, Some(p)) = (recipe.eval.erank_samples > 0, erank_now, &eval_pipe) {
-            let (f, _, d) = extract_features(&model, p, recipe.eval.erank_samples, batch, device)?;
-            let n = f.len() / d;
-            let e = analysis::effective_rank(&f, n, d);
+            let n = recipe.eval.erank_samples.min(p.dataset.len());
+            let f = encode(
+                &model,
+                p,
+                (0..n).collect(),
+                Pool::Model,
+                batch,
+                device,
+                "erank",
+            )?;
+            let e = analysis::effective_rank(&f.data, f.n, f.dim);
             row.insert("erank".into(), json!(e));
             summary.erank = Some(e);
         }
