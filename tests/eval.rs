@@ -139,6 +139,28 @@ fn evaluations_analyses_and_figures_of_a_run() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(run_dir.join("figures/reconstruction.png").exists());
 
+    // Fine-tuning trains a copy: the run's checkpoint stays as it was.
+    let ckpt = run_dir.join("checkpoints/epoch-0002/model.safetensors");
+    let before = std::fs::read(&ckpt).unwrap();
+    let o = run(&[
+        "eval", "finetune", rd, "--epochs", "2", "--warmup", "1", "--batch", "32", "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ft = json_line(&o);
+    let epochs = ft["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2);
+    for e in epochs {
+        assert!(e["train_loss"].as_f64().unwrap().is_finite());
+        let t1 = e["test"]["top1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&t1));
+    }
+    assert_eq!(before, std::fs::read(&ckpt).unwrap());
+    let evals = std::fs::read_to_string(run_dir.join("eval.jsonl")).unwrap();
+    assert!(
+        evals.lines().any(|l| l.contains("\"kind\":\"finetune\"")),
+        "{evals}"
+    );
+
     let figs = dir.path().join("figs");
     let o = run(&[
         "plot",
@@ -235,6 +257,7 @@ fn bad_sources_and_options_are_clear_errors() {
     for cmd in [
         vec!["eval", "linear", "--help"],
         vec!["eval", "knn", "--help"],
+        vec!["eval", "finetune", "--help"],
         vec!["analyze", "rank", "--help"],
         vec!["analyze", "mask-ratio", "--help"],
         vec!["plot", "--help"],

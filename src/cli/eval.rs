@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use umae_runtime::features::{self, Pool};
+use umae_runtime::finetune::{self, FinetuneSpec};
 use umae_runtime::probe::{self, KnnSpec, LinearSpec, ProbeOptimizer};
 use umae_runtime::source::{self, LoadError, Loaded};
 
@@ -58,6 +59,30 @@ pub enum EvalCommand {
         /// lars or sgd.
         #[arg(long, default_value = "lars")]
         optimizer: String,
+    },
+    /// Full fine-tuning with a linear head (MAE's protocol: layer-wise lr decay, label smoothing,
+    /// drop path, AdamW, warmup + cosine); test top-1/top-5 after every epoch. The run's
+    /// checkpoints are not changed.
+    Finetune {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[arg(long, default_value_t = FinetuneSpec::default().epochs)]
+        epochs: usize,
+        #[arg(long, default_value_t = FinetuneSpec::default().batch_size)]
+        batch: usize,
+        /// Base learning rate (lr = blr * batch / 256).
+        #[arg(long, default_value_t = FinetuneSpec::default().blr)]
+        blr: f64,
+        #[arg(long, default_value_t = FinetuneSpec::default().warmup_epochs)]
+        warmup: usize,
+        #[arg(long, default_value_t = FinetuneSpec::default().layer_decay)]
+        layer_decay: f64,
+        #[arg(long, default_value_t = FinetuneSpec::default().weight_decay)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = FinetuneSpec::default().label_smoothing)]
+        smoothing: f64,
+        #[arg(long, default_value_t = FinetuneSpec::default().drop_path)]
+        drop_path: f64,
     },
     /// Weighted k-nearest-neighbour classification on L2-normalised frozen features.
     Knn {
@@ -172,6 +197,59 @@ pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
                     source.pool,
                     if fs.cached { ", cached" } else { "" }
                 );
+            }
+            Ok(())
+        }
+        EvalCommand::Finetune {
+            source,
+            epochs,
+            batch,
+            blr,
+            warmup,
+            layer_decay,
+            weight_decay,
+            smoothing,
+            drop_path,
+        } => {
+            if blr.is_nan() || blr <= 0.0 || warmup > epochs || !(0.0..=1.0).contains(&layer_decay)
+            {
+                return Err(Failure::Input(format!(
+                    "need blr > 0, warmup <= epochs and layer_decay in [0, 1] (got {blr}, {warmup}, {layer_decay})"
+                )));
+            }
+            let spec = FinetuneSpec {
+                epochs,
+                batch_size: batch,
+                blr,
+                warmup_epochs: warmup,
+                layer_decay,
+                weight_decay,
+                label_smoothing: smoothing,
+                drop_path,
+                seed: 0,
+            };
+            let (mut loaded, device) = load(&source)?;
+            let label = loaded.label.clone();
+            let rows = finetune::finetune(&mut loaded, &spec, &device, |r| {
+                if !source.json {
+                    println!(
+                        "fine-tune {label} epoch {}/{epochs}: train loss {:.4}  test top-1 {:.2}%  top-5 {:.2}%",
+                        r.epoch,
+                        r.train_loss,
+                        r.test.top1 * 100.0,
+                        r.test.top5 * 100.0
+                    );
+                }
+            })
+            .map_err(Failure::Input)?;
+            let last = rows.last().expect("at least one epoch");
+            let row = json!({
+                "kind": "finetune", "model": loaded.label, "step": loaded.step, "spec": spec,
+                "epochs": rows, "top1": last.test.top1, "top5": last.test.top5,
+            });
+            record(&loaded, &row)?;
+            if source.json {
+                println!("{row}");
             }
             Ok(())
         }

@@ -286,6 +286,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     + &summary
                         .knn
                         .map(|a| format!(", kNN {:.2}%", a * 100.0))
+                        .unwrap_or_default()
+                    + &summary
+                        .finetune
+                        .map(|a| format!(", fine-tuned {:.2}%", a * 100.0))
                         .unwrap_or_default(),
                 run_dir.display()
             );

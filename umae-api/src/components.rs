@@ -57,6 +57,11 @@ pub trait EncoderModule: AutodiffModule<B> + 'static {
     fn constants(&self) -> Vec<Constant> {
         Vec::new()
     }
+    /// Stochastic depth for fine-tuning: drop residual branches with this rate at the deepest
+    /// block (0 turns it off, as for evaluation). Returns whether the encoder supports it.
+    fn set_drop_path(&mut self, _rate: f64) -> bool {
+        false
+    }
 }
 
 /// A fixed (untrained) tensor of a component: name, shape, row-major values.
@@ -70,6 +75,7 @@ pub trait Encoder: Trainable {
     fn geometry(&self) -> PatchGeometry;
     fn fixed_params(&self) -> usize;
     fn constants(&self) -> Vec<Constant>;
+    fn set_drop_path(&mut self, rate: f64) -> bool;
 }
 
 impl<M: EncoderModule> Encoder for M {
@@ -90,6 +96,9 @@ impl<M: EncoderModule> Encoder for M {
     }
     fn constants(&self) -> Vec<Constant> {
         EncoderModule::constants(self)
+    }
+    fn set_drop_path(&mut self, rate: f64) -> bool {
+        EncoderModule::set_drop_path(self, rate)
     }
 }
 

@@ -280,6 +280,42 @@ impl Default for KnnSpec {
     }
 }
 
+/// Full fine-tuning with a linear classification head (MAE's fine-tuning defaults, without
+/// mixup, cutmix and RandAugment).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneSpec {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Base learning rate: lr = blr * batch_size / 256.
+    pub blr: f64,
+    pub warmup_epochs: usize,
+    /// Block k of L gets lr * layer_decay^(L + 1 - k); the patch embedding and tokens count as
+    /// layer 0, the head as layer L + 1.
+    pub layer_decay: f64,
+    pub weight_decay: f64,
+    pub label_smoothing: f64,
+    /// Stochastic depth at the last block (linearly less in earlier blocks).
+    pub drop_path: f64,
+    pub seed: u64,
+}
+
+impl Default for FinetuneSpec {
+    fn default() -> Self {
+        FinetuneSpec {
+            epochs: 50,
+            batch_size: 64,
+            blr: 1e-3,
+            warmup_epochs: 5,
+            layer_decay: 0.75,
+            weight_decay: 0.05,
+            label_smoothing: 0.1,
+            drop_path: 0.1,
+            seed: 0,
+        }
+    }
+}
+
 /// `eval: (...)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -299,6 +335,8 @@ pub struct EvalSpec {
     pub linear: Option<LinearSpec>,
     /// Weighted kNN after the last epoch (and every `offline_every` epochs).
     pub knn: Option<KnnSpec>,
+    /// Fine-tune a copy of the encoder after the last epoch, as `umae eval finetune`.
+    pub finetune: Option<FinetuneSpec>,
     /// Also run `linear` / `knn` every this many epochs (0: only after the last).
     pub offline_every: usize,
     /// Feature for `linear` and `knn`.
@@ -314,6 +352,7 @@ impl Default for EvalSpec {
             erank_every: 1,
             linear: None,
             knn: None,
+            finetune: None,
             offline_every: 0,
             pool: FeaturePool::Model,
         }

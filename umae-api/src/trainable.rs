@@ -41,9 +41,10 @@ pub trait Trainable: Send {
     fn visit_grads(&self, grads: &Grads, f: &mut dyn FnMut(&ParamInfo, Tensor<Inner, 1>));
     /// Replace every float parameter by `f(info, value)` (same number of elements).
     fn map_params(&mut self, f: &mut dyn FnMut(&ParamInfo, Tensor<Inner, 1>) -> Tensor<Inner, 1>);
-    /// Stop tracking gradients of every parameter: forward passes then build no autodiff graph
-    /// (frozen-feature evaluation; without it each pass's graph is kept alive).
-    fn freeze(&mut self);
+    /// Track gradients of every parameter (`true`, the default after building) or of none
+    /// (`false`: forward passes then build no autodiff graph, as frozen-feature evaluation
+    /// needs; without it each pass's graph is kept alive).
+    fn set_trainable(&mut self, on: bool);
 }
 
 #[derive(Default)]
@@ -126,9 +127,18 @@ impl ModuleMapper<B> for Map<'_> {
     }
 }
 
+struct RequireGrad(bool);
+
+impl ModuleMapper<B> for RequireGrad {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, value, mapper) = param.consume();
+        Param::from_mapped_value(id, value.set_require_grad(self.0), mapper)
+    }
+}
+
 impl<M: AutodiffModule<B> + 'static> Trainable for M {
-    fn freeze(&mut self) {
-        *self = burn::module::Module::no_grad(self.clone());
+    fn set_trainable(&mut self, on: bool) {
+        *self = burn::module::Module::map(self.clone(), &mut RequireGrad(on));
     }
 
     fn num_params(&self) -> usize {

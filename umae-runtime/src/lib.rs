@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod features;
+pub mod finetune;
 pub mod interop;
 pub mod maskratio;
 pub mod model;

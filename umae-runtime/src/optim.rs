@@ -27,6 +27,8 @@ pub struct AdamW {
     pub m: HashMap<String, Tensor<Inner, 1>>,
     pub v: HashMap<String, Tensor<Inner, 1>>,
     acc: HashMap<String, Tensor<Inner, 1>>,
+    /// Per-parameter learning-rate factor by key `component.path` (layer-wise decay).
+    pub lr_scale: HashMap<String, f64>,
 }
 
 fn key(prefix: &str, path: &str) -> String {
@@ -41,6 +43,7 @@ impl AdamW {
             m: HashMap::new(),
             v: HashMap::new(),
             acc: HashMap::new(),
+            lr_scale: HashMap::new(),
         }
     }
 
@@ -109,6 +112,7 @@ impl AdamW {
                 let Some(mut g) = self.acc.remove(&k) else {
                     return p;
                 };
+                let lr = lr * self.lr_scale.get(&k).copied().unwrap_or(1.0);
                 if scale != 1.0 {
                     g = g * scale;
                 }
@@ -213,5 +217,62 @@ mod adamw_tests {
             }
         }
         assert_eq!(opt.step, 1);
+    }
+}
+
+#[cfg(test)]
+mod lr_scale_tests {
+    use super::*;
+    use umae_api::burn::nn::LinearConfig;
+    use umae_api::burn::tensor::TensorData;
+    use umae_api::{Device, B};
+
+    #[test]
+    fn per_parameter_scale_multiplies_the_step() {
+        let device = Device::Flex(Default::default());
+        let step_of = |scale: Option<f64>| {
+            let mut lin = LinearConfig::new(2, 1).init::<B>(&device);
+            let mut before = Vec::new();
+            lin.visit_params(&mut |_, t| before.push(t.into_data().to_vec::<f32>().unwrap()));
+            let x = Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, -2.0], [1, 2]), &device);
+            let grads = lin.forward(x).sum().backward();
+            let mut opt = AdamW::new(OptimizerSpec {
+                weight_decay: 0.0,
+                ..OptimizerSpec::default()
+            });
+            if let Some(s) = scale {
+                opt.lr_scale.insert("lin.weight".into(), s);
+            }
+            opt.accumulate("lin", &lin, &grads);
+            opt.step(
+                &mut [("lin", &mut lin as &mut dyn Trainable)],
+                0.1,
+                &mut [],
+                0.0,
+            );
+            let mut deltas = Vec::new();
+            let mut i = 0;
+            lin.visit_params(&mut |_, t| {
+                let after = t.into_data().to_vec::<f32>().unwrap();
+                deltas.push(
+                    after
+                        .iter()
+                        .zip(&before[i])
+                        .map(|(a, b)| a - b)
+                        .collect::<Vec<f32>>(),
+                );
+                i += 1;
+            });
+            deltas
+        };
+        let (plain, scaled) = (step_of(None), step_of(Some(0.25)));
+        // Weight steps shrink by the factor; the bias (not in the map) is unchanged.
+        for (p, s) in plain[0].iter().zip(&scaled[0]) {
+            assert!((s - 0.25 * p).abs() < 1e-6, "{p} {s}");
+        }
+        assert!(
+            (plain[1][0] - scaled[1][0]).abs() < 1e-6,
+            "{plain:?} {scaled:?}"
+        );
     }
 }

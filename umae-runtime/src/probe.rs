@@ -60,8 +60,8 @@ fn check(train: &Features, test: &Features, classes: usize) -> Result<(), String
     Ok(())
 }
 
-/// Top-1 and top-5 accuracy of `[n, c]` scores.
-fn accuracy(scores: &[f32], labels: &[i64], c: usize) -> (usize, usize) {
+/// Correct top-1 and top-5 counts of `[n, c]` scores.
+pub fn accuracy(scores: &[f32], labels: &[i64], c: usize) -> (usize, usize) {
     let mut top1 = 0;
     let mut top5 = 0;
     for (row, &y) in scores.chunks_exact(c).zip(labels) {

@@ -175,7 +175,7 @@ pub fn load_resolved(
         .map_err(LoadError::Input)?;
         step = checkpoint::read_state(dir).map_err(LoadError::Input)?.step;
     }
-    model.encoder.freeze();
+    model.encoder.set_trainable(false);
     let label = match (&run_dir, &ckpt) {
         (Some(r), Some(c)) => format!("{}@{}", base_name(r), base_name(c)),
         _ => format!("{}@init", recipe.name),

@@ -38,6 +38,8 @@ pub struct Summary {
     /// Offline linear-probe and kNN top-1 after the last epoch, when the recipe asks for them.
     pub linear: Option<f64>,
     pub knn: Option<f64>,
+    /// Fine-tuning top-1 after the last epoch, when `eval.finetune` is set.
+    pub finetune: Option<f64>,
 }
 
 /// The recipe's offline evaluations (`eval.linear`, `eval.knn`) on a checkpoint of the run,
@@ -73,6 +75,34 @@ pub fn offline_eval(
         row.insert("knn.top5".into(), json!(a.top5));
     }
     Ok(row)
+}
+
+/// The recipe's fine-tuning evaluation (`eval.finetune`) on a checkpoint of the run.
+pub fn finetune_eval(
+    run_dir: &Path,
+    checkpoint: &str,
+    device: &Device,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
+    let mut loaded =
+        crate::source::load(run_dir, Some(checkpoint), &[], device).map_err(|e| e.to_string())?;
+    let Some(spec) = loaded.recipe.eval.finetune.clone() else {
+        return Ok(None);
+    };
+    let rows = crate::finetune::finetune(&mut loaded, &spec, device, |r| {
+        tracing::info!(
+            "fine-tune epoch {}/{}: train loss {:.4}, test top-1 {:.4}",
+            r.epoch,
+            spec.epochs,
+            r.train_loss,
+            r.test.top1
+        )
+    })?;
+    let last = rows.last().expect("at least one epoch");
+    let mut row = serde_json::Map::new();
+    row.insert("finetune.top1".into(), json!(last.test.top1));
+    row.insert("finetune.top5".into(), json!(last.test.top5));
+    row.insert("finetune.epochs".into(), json!(rows));
+    Ok(Some(row))
 }
 
 /// Append one JSON row to a `.jsonl` file (created if missing).
@@ -472,9 +502,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         );
         metrics.write(serde_json::Value::Object(row))?;
         let ev = &recipe.eval;
-        let offline = (ev.linear.is_some() || ev.knn.is_some())
-            && (state.epoch == epochs
-                || (ev.offline_every > 0 && state.epoch.is_multiple_of(ev.offline_every)));
+        let last = state.epoch == epochs;
+        let offline = (ev.linear.is_some() || ev.knn.is_some() || (last && ev.finetune.is_some()))
+            && (last || (ev.offline_every > 0 && state.epoch.is_multiple_of(ev.offline_every)));
         if state.epoch.is_multiple_of(recipe.train.checkpoint_every)
             || state.epoch == epochs
             || offline
@@ -482,10 +512,20 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             save_checkpoint(run_dir, &model, &norm, &opt, &state)?;
         }
         if offline {
-            let row = offline_eval(run_dir, &format!("epoch-{:04}", state.epoch), device)?;
+            let name = format!("epoch-{:04}", state.epoch);
+            let mut row = if ev.linear.is_some() || ev.knn.is_some() {
+                offline_eval(run_dir, &name, device)?
+            } else {
+                serde_json::Map::new()
+            };
+            if last {
+                if let Some(ft) = finetune_eval(run_dir, &name, device)? {
+                    summary.finetune = ft.get("finetune.top1").and_then(|v| v.as_f64());
+                    row.extend(ft);
+                }
+            }
             summary.linear = row.get("linear.top1").and_then(|v| v.as_f64());
             summary.knn = row.get("knn.top1").and_then(|v| v.as_f64());
-            let mut row = row;
             row.insert("kind".into(), json!("eval"));
             row.insert("epoch".into(), json!(state.epoch));
             row.insert("step".into(), json!(state.step));

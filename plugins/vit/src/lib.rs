@@ -107,6 +107,10 @@ pub struct Vit<B: Backend> {
     pub pool: Pool,
     #[module(skip)]
     pub mode: InputMode,
+    /// Stochastic-depth rate at the last block (rising linearly from 0 at the first), set by
+    /// fine-tuning; 0 during pretraining and evaluation.
+    #[module(skip)]
+    pub drop_path: f64,
 }
 
 impl Vit<B> {
@@ -157,6 +161,7 @@ impl Vit<B> {
             dim,
             pool: p.pool,
             mode: p.mask_mode,
+            drop_path: 0.0,
         })
     }
 
@@ -189,8 +194,14 @@ impl EncoderModule for Vit<B> {
             .reshape([1, 1, d])
             .expand([b, 1, d]);
         let mut x = Tensor::cat(vec![cls, x], 1);
-        for block in &self.blocks {
-            x = block.forward(x);
+        let depth = self.blocks.len();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let rate = self.drop_path * i as f64 / (depth.max(2) - 1) as f64;
+            x = if rate > 0.0 {
+                block.forward_drop_path(x, rate)
+            } else {
+                block.forward(x)
+            };
         }
         let x = self.norm.forward(x);
         let t = x.dims()[1];
@@ -222,6 +233,11 @@ impl EncoderModule for Vit<B> {
 
     fn fixed_params(&self) -> usize {
         self.pos_embed.shape().num_elements()
+    }
+
+    fn set_drop_path(&mut self, rate: f64) -> bool {
+        self.drop_path = rate;
+        true
     }
 
     fn constants(&self) -> Vec<umae_api::Constant> {

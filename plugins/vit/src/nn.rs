@@ -122,6 +122,18 @@ impl Block<B> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x));
         x.clone() + self.mlp.forward(self.norm2.forward(x))
     }
+
+    /// [`Block::forward`] with stochastic depth: each sample's residual branch is dropped with
+    /// probability `rate` and the kept ones are scaled by 1 / (1 - rate).
+    pub fn forward_drop_path(&self, x: Tensor<B, 3>, rate: f64) -> Tensor<B, 3> {
+        let b = x.dims()[0];
+        let device = x.device();
+        let keep = 1.0 - rate;
+        let mask =
+            || Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &device) / keep;
+        let x = x.clone() + self.attn.forward(self.norm1.forward(x)) * mask();
+        x.clone() + self.mlp.forward(self.norm2.forward(x)) * mask()
+    }
 }
 
 /// MAE's fixed 2-D sine-cosine position embedding for a `gh x gw` grid, with a zero row for
