@@ -66,6 +66,8 @@ fn evaluations_analyses_and_figures_of_a_run() {
         "eval.linear.warmup_epochs=1",
         "--set",
         "eval.erank_samples=64",
+        "--set",
+        "eval.finetune=Some((epochs: 1, batch_size: 32, warmup_epochs: 0))",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -82,6 +84,8 @@ fn evaluations_analyses_and_figures_of_a_run() {
     assert_eq!(eval.len(), 1, "one offline evaluation after the last epoch");
     assert_eq!(eval[0]["epoch"], 2);
     let linear = eval[0]["linear.top1"].as_f64().unwrap();
+    assert_eq!(eval[0]["finetune.epochs"].as_array().unwrap().len(), 1);
+    assert!(text(&o).contains("fine-tuned"), "{}", text(&o));
     assert!(linear > 0.1 && linear <= 1.0, "{linear}");
 
     // kNN reads the features cached by the run's evaluation.
