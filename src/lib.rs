@@ -4,11 +4,15 @@
 pub mod cli;
 
 /// Keep the built-in plugin crates linked, so that their registrations are present.
-pub fn builtin_plugins() -> [&'static str; 4] {
+pub fn builtin_plugins() -> [&'static str; 8] {
     [
         std::any::type_name::<umae_plugin_vit::Vit<umae_api::B>>(),
         std::any::type_name::<umae_plugin_mae::RandomMasker>(),
         std::any::type_name::<umae_plugin_pixels::Pixels>(),
         std::any::type_name::<umae_plugin_uniformity::Uniformity>(),
+        std::any::type_name::<umae_plugin_simmim::BlockMasker>(),
+        std::any::type_name::<umae_plugin_beit::Tokens>(),
+        std::any::type_name::<umae_plugin_hog::Hog>(),
+        std::any::type_name::<umae_plugin_regularizers::Decorrelation>(),
     ]
 }

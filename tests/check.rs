@@ -168,31 +168,3 @@ fn shape_mismatch_names_both_components() {
         text(&o)
     );
 }
-
-#[test]
-fn u_recipes_differ_from_their_base_only_by_regularizers() {
-    use umae_api::recipe::Recipe;
-    for (base, u) in [
-        ("mae-vitb", "u-mae-vitb"),
-        ("mae-vitt-cifar10", "u-mae-vitt-cifar10"),
-        ("mae-fmnist", "u-mae-fmnist"),
-    ] {
-        let load = |n: &str| Recipe::load(&repo().join(format!("recipes/{n}.ron")), &[]).unwrap();
-        let (b, u_r) = (load(base), load(u));
-        assert!(b.regularizers.is_empty());
-        assert_eq!(u_r.regularizers.len(), 1);
-        assert_eq!(u_r.regularizers[0].component.plugin, "uniformity");
-        let strip = |r: &Recipe| {
-            let mut t = r.tree.clone();
-            if let umae_api::value::Kind::Struct(_, f) = &mut t.kind {
-                f.retain(|f| f.name != "name" && f.name != "regularizers");
-            }
-            t.to_ron()
-        };
-        assert_eq!(
-            strip(&b),
-            strip(&u_r),
-            "{u} differs from {base} beyond its regularizers"
-        );
-    }
-}

@@ -31,6 +31,21 @@ pub struct EncoderOutput {
     pub prefix: usize,
 }
 
+impl EncoderOutput {
+    /// The `num_patches` patch tokens `[B, N, D]` in patch order, for heads that predict from
+    /// each patch's own token. Only a MaskToken-mode encoder keeps every patch; a decoder that
+    /// calls this must accept only [`MaskMode::MaskToken`] so that `umae check` refuses the rest.
+    pub fn patch_tokens(&self, num_patches: usize) -> Tensor<B, 3> {
+        let [b, t, _] = self.tokens.dims();
+        assert_eq!(
+            t - self.prefix,
+            num_patches,
+            "a per-patch head needs every patch's token (an encoder in MaskToken mode)"
+        );
+        self.tokens.clone().slice([0..b, self.prefix..t])
+    }
+}
+
 /// How an encoder treats hidden patches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaskMode {
@@ -137,8 +152,27 @@ impl<M: DecoderModule> Decoder for M {
     }
 }
 
+/// What a target may use to fit itself before training (a tokenizer's codebook, for example).
+pub struct Preparation<'a> {
+    /// Draws `n` training images `[n, C, H, W]`, normalised as the model sees them but not
+    /// augmented; the same images for the same `n` and seed.
+    pub sample: &'a mut dyn FnMut(usize) -> Result<Tensor<B, 4>, String>,
+    /// A folder where fitted state may be cached (the run directory), so that a resumed run
+    /// reuses it instead of fitting again; `None` when nothing should be written.
+    pub cache: Option<&'a std::path::Path>,
+    /// Describes the training data; fitted state cached for other data must not be reused.
+    pub data: String,
+    pub seed: u64,
+    pub device: crate::Device,
+}
+
 /// What to predict and how to score it.
 pub trait Target: Send + Sync {
+    /// Fit whatever the target needs from the training data, once, before the first step.
+    /// Returns a line for the log when it did something. Most targets need nothing.
+    fn prepare(&mut self, _prep: &mut Preparation<'_>) -> Result<Option<String>, String> {
+        Ok(None)
+    }
     /// Width of one patch's prediction.
     fn pred_dim(&self) -> usize;
     /// `images`: `[B, C, H, W]`; `pred`: `[B, N, pred_dim]`. Returns a scalar `[1]`.

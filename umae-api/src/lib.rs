@@ -16,6 +16,7 @@ pub mod params;
 pub mod recipe;
 pub mod registry;
 pub mod rng;
+pub mod store;
 pub mod suggest;
 pub mod trainable;
 pub mod value;
@@ -26,7 +27,7 @@ pub use serde;
 
 pub use components::{
     Constant, Decoder, DecoderModule, Encoder, EncoderModule, EncoderOutput, MaskMode, Masker,
-    Regularizer, Target,
+    Preparation, Regularizer, Target,
 };
 pub use geometry::PatchGeometry;
 pub use mask::{Mask, MaskPlan};

@@ -263,9 +263,9 @@ pub fn reconstruction_figure(
     let m = &loaded.model;
     let g = m.geometry;
     let pd = g.patch_dim();
-    if m.target.pred_dim() != pd {
+    if m.names[3] != "pixels" || m.target.pred_dim() != pd {
         return Err(format!(
-            "target `{}` predicts {} values per patch, not pixels ({pd}): the reconstruction view needs a pixel target",
+            "target `{}` predicts {} values per patch, not the pixels of a patch: the reconstruction view needs the `pixels` target",
             m.names[3],
             m.target.pred_dim()
         ));

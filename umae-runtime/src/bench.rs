@@ -7,7 +7,7 @@ use umae_api::recipe::Recipe;
 use umae_api::{Device, Rng, B};
 
 use crate::model::Model;
-use crate::step::{apply_step, train_micro_batch, training_parts};
+use crate::step::{apply_step, prepare_target, train_micro_batch, training_parts};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -37,6 +37,7 @@ pub fn bench(
     warmup: usize,
 ) -> Result<BenchResult, String> {
     let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
+    prepare_target(&mut model, recipe, None, None, device)?;
     let g = model.geometry;
     let images = Tensor::<B, 4>::random(
         [batch, g.channels, g.height, g.width],

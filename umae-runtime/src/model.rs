@@ -8,8 +8,8 @@ use umae_api::burn::tensor::Tensor;
 use umae_api::recipe::{ComponentSpec, Recipe, RecipeError};
 use umae_api::registry::{self, Builder, PluginKind};
 use umae_api::{
-    burn, BuildContext, Decoder, Device, Encoder, Masker, PatchGeometry, PluginError, Regularizer,
-    Target, Trainable, B,
+    burn, BuildContext, Decoder, Device, Encoder, MaskMode, Masker, PatchGeometry, PluginError,
+    Regularizer, Target, Trainable, B,
 };
 
 /// A regularizer with its weight (lambda).
@@ -127,12 +127,16 @@ impl Model {
         if !decoder.accepts(encoder.mask_mode()) {
             return Err(RecipeError::new(
                 Some(dspec.span.clone()),
-                format!(
-                    "decoder `{}` cannot read the output of encoder `{}` in {:?} mode",
-                    dspec.plugin,
-                    enc_spec.plugin,
-                    encoder.mask_mode()
-                ),
+                match encoder.mask_mode() {
+                    MaskMode::Drop => format!(
+                        "decoder `{}` predicts from every patch's token, but encoder `{}` drops hidden patches (Drop mode): set the encoder's `mask_mode: MaskToken`, or use a decoder that restores hidden patches itself (such as `mae`)",
+                        dspec.plugin, enc_spec.plugin
+                    ),
+                    MaskMode::MaskToken => format!(
+                        "decoder `{}` cannot read the output of encoder `{}` in MaskToken mode: set the encoder's `mask_mode: Drop`",
+                        dspec.plugin, enc_spec.plugin
+                    ),
+                },
             ));
         }
         let mut regularizers = Vec::new();

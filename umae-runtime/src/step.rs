@@ -2,11 +2,17 @@
 //! loss = target loss + sum_i lambda_i * regularizer_i (+ the online probe's cross-entropy,
 //! whose gradient never reaches the encoder).
 
+use std::path::Path;
+use std::sync::Arc;
 use umae_api::burn::nn::loss::CrossEntropyLossConfig;
 use umae_api::burn::tensor::{Int, Tensor, TensorData};
-use umae_api::{Device, EncoderOutput, Grads, Inner, Mask, Rng, B};
 
-use crate::model::Model;
+use umae_api::burn::tensor::Distribution;
+use umae_api::recipe::Recipe;
+use umae_api::{Device, EncoderOutput, Grads, Inner, Mask, Preparation, Rng, B};
+
+use crate::data::{Dataset, Pipeline};
+use crate::model::{images_tensor, Model};
 use crate::optim::AdamW;
 
 /// Running statistics of the probe's BatchNorm (no affine parameters).
@@ -159,4 +165,49 @@ pub fn training_parts(
         .as_ref()
         .map(|_| ProbeNorm::new(model.encoder.dim(), device));
     Ok((model, opt, norm))
+}
+
+/// Let the target fit what it needs (a tokenizer's codebook) before the first step, on images of
+/// `dataset` (normalised, not augmented) or, without one (benchmarks), on random images; fitted
+/// state is cached in `cache`.
+pub fn prepare_target(
+    model: &mut Model,
+    recipe: &Recipe,
+    dataset: Option<Arc<dyn Dataset>>,
+    cache: Option<&Path>,
+    device: &Device,
+) -> Result<(), String> {
+    let g = model.geometry;
+    let pipe = dataset.map(|d| Pipeline::new(d, &recipe.data, false, recipe.seed));
+    let mut sample = |n: usize| -> Result<Tensor<B, 4>, String> {
+        match &pipe {
+            Some(p) => {
+                let mut idx = Rng::derive(recipe.seed, &[0x7072_6570]).permutation(p.dataset.len());
+                idx.truncate(n.max(1));
+                let b = p.batch(&idx, 0)?;
+                Ok(images_tensor(b.images, b.n, &g, device))
+            }
+            None => Ok(Tensor::random(
+                [n.max(1), g.channels, g.height, g.width],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
+        }
+    };
+    let mut prep = Preparation {
+        sample: &mut sample,
+        cache,
+        data: format!("{:?}", recipe.data),
+        seed: recipe.seed,
+        device: device.clone(),
+    };
+    let name = model.names[3].clone();
+    if let Some(line) = model
+        .target
+        .prepare(&mut prep)
+        .map_err(|e| format!("target `{name}`: {e}"))?
+    {
+        tracing::info!("{line}");
+    }
+    Ok(())
 }

@@ -17,7 +17,9 @@ use crate::features::{encode, Pool};
 use crate::model::{images_tensor, Model};
 use crate::optim::{learning_rate, AdamW};
 use crate::progress;
-use crate::step::{apply_step, probe_logits, train_micro_batch, training_parts, ProbeNorm};
+use crate::step::{
+    apply_step, prepare_target, probe_logits, train_micro_batch, training_parts, ProbeNorm,
+};
 
 /// How to run.
 pub struct RunOptions {
@@ -306,6 +308,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     let eval_pipe = eval_set.map(|d| Pipeline::new(d, &recipe.data, false, recipe.seed));
 
     let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
+    prepare_target(
+        &mut model,
+        recipe,
+        Some(train_set.clone()),
+        Some(run_dir),
+        device,
+    )?;
     let metrics = Metrics {
         path: run_dir.join("metrics.jsonl"),
     };

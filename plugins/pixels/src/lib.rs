@@ -46,6 +46,15 @@ pub fn patchify_hwc(images: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
         .reshape([b, gh * gw, p * p * c])
 }
 
+/// Standardise each patch `[B, N, P]` by its own mean and unbiased variance (MAE's
+/// norm_pix_loss, with its epsilon 1e-6).
+pub fn normalize_patches(t: Tensor<B, 3>) -> Tensor<B, 3> {
+    let n = t.dims()[2] as f64;
+    let centered = t.clone() - t.mean_dim(2);
+    let var = centered.clone().powf_scalar(2.0).sum_dim(2) / (n - 1.0).max(1.0);
+    centered / (var + 1e-6).sqrt()
+}
+
 /// Inverse of [`patchify_hwc`].
 pub fn unpatchify_hwc(patches: Tensor<B, 3>, g: &PatchGeometry) -> Tensor<B, 4> {
     let b = patches.dims()[0];
@@ -64,15 +73,11 @@ impl Target for Pixels {
 
     fn target(&self, images: &Tensor<B, 4>) -> Tensor<B, 3> {
         let t = patchify_hwc(images.clone(), self.geometry.patch);
-        if !self.norm_pix {
-            return t;
+        if self.norm_pix {
+            normalize_patches(t)
+        } else {
+            t
         }
-        let mean = t.clone().mean_dim(2);
-        let centered = t - mean;
-        // Unbiased variance, as torch.var in MAE.
-        let n = self.geometry.patch_dim() as f64;
-        let var = centered.clone().powf_scalar(2.0).sum_dim(2) / (n - 1.0).max(1.0);
-        centered / (var + 1e-6).sqrt()
     }
 
     fn loss(&self, images: &Tensor<B, 4>, pred: Tensor<B, 3>, mask: &Mask) -> Tensor<B, 1> {
