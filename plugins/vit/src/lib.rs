@@ -264,3 +264,61 @@ umae_api::register!(
     build,
     "Vision Transformer (Dosovitskiy et al. 2021) with fixed 2-D sin-cos positions, as in MAE"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umae_api::MaskPlan;
+
+    fn vit(mode: InputMode) -> Vit<B> {
+        let ctx = BuildContext {
+            channels: 1,
+            height: 8,
+            width: 8,
+            geometry: None,
+            device: umae_api::burn::DispatchDevice::Flex(Default::default()),
+            encoder_dim: 0,
+            target_dim: 0,
+            seed: 0,
+        };
+        let p = VitParams {
+            dim: Some(16),
+            depth: Some(2),
+            heads: Some(2),
+            patch: 4,
+            mask_mode: mode,
+            ..Default::default()
+        };
+        Vit::new(&p, &ctx).unwrap()
+    }
+
+    fn diff(a: &Tensor<B, 3>, b: &Tensor<B, 3>) -> f32 {
+        (a.clone() - b.clone()).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn mask_token_mode_encodes_every_position_and_ignores_hidden_pixels() {
+        let v = vit(InputMode::MaskToken);
+        let d = v.pos_embed.device();
+        // Patch 1 (top right) hidden.
+        let mask = MaskPlan::from_flags(&[vec![false, true, false, false]])
+            .unwrap()
+            .to_device(&d);
+        let x = Tensor::<B, 4>::random([1, 1, 8, 8], Distribution::Normal(0.0, 1.0), &d);
+        let out = EncoderModule::forward(&v, x.clone(), Some(&mask));
+        assert_eq!(out.tokens.dims(), [1, 5, 16]);
+        // New pixels in the hidden patch change nothing; in a visible patch they do.
+        let noise = Tensor::<B, 4>::random([1, 1, 4, 4], Distribution::Normal(0.0, 1.0), &d);
+        let hidden_changed = x.clone().slice_assign([0..1, 0..1, 0..4, 4..8], noise.clone());
+        let same = EncoderModule::forward(&v, hidden_changed, Some(&mask));
+        assert!(diff(&out.tokens, &same.tokens) < 1e-6);
+        let visible_changed = x.clone().slice_assign([0..1, 0..1, 0..4, 0..4], noise);
+        let other = EncoderModule::forward(&v, visible_changed, Some(&mask));
+        assert!(diff(&out.tokens, &other.tokens) > 1e-3);
+        // Drop mode keeps only the class token and the visible patches.
+        let v = vit(InputMode::Drop);
+        assert!(v.mask_token.is_none());
+        let out = EncoderModule::forward(&v, x, Some(&mask));
+        assert_eq!(out.tokens.dims(), [1, 4, 16]);
+    }
+}
