@@ -87,6 +87,16 @@ impl fmt::Display for PluginError {
 }
 
 impl BuildContext {
+    /// `(encoder_dim, target_dim)`, for decoders, which are built after both.
+    pub fn decoder_dims(&self) -> Result<(usize, usize), PluginError> {
+        if self.encoder_dim == 0 || self.target_dim == 0 {
+            return Err(PluginError::Invalid(
+                "the encoder and target must be built first".into(),
+            ));
+        }
+        Ok((self.encoder_dim, self.target_dim))
+    }
+
     /// The patch geometry, for plugins built after the encoder.
     pub fn geometry(&self) -> Result<PatchGeometry, PluginError> {
         self.geometry.ok_or_else(|| {

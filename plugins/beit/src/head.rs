@@ -22,11 +22,7 @@ pub struct TokenHead<B: Backend> {
 }
 
 fn build(_p: &TokenHeadParams, ctx: &BuildContext) -> Result<TokenHead<B>, PluginError> {
-    if ctx.encoder_dim == 0 || ctx.target_dim == 0 {
-        return Err(PluginError::Invalid(
-            "the encoder and target must be built first".into(),
-        ));
-    }
+    ctx.decoder_dims()?;
     Ok(TokenHead {
         norm: layer_norm(ctx.encoder_dim, &ctx.device),
         head: linear(ctx.encoder_dim, ctx.target_dim, &ctx.device),

@@ -46,11 +46,7 @@ fn build(p: &MaeDecoderParams, ctx: &BuildContext) -> Result<MaeDecoder<B>, Plug
             "dim {dim} must be divisible by heads {heads} and by 4"
         )));
     }
-    if ctx.encoder_dim == 0 || ctx.target_dim == 0 {
-        return Err(PluginError::Invalid(
-            "the encoder and target must be built first".into(),
-        ));
-    }
+    ctx.decoder_dims()?;
     let device = &ctx.device;
     let (gh, gw) = g.grid();
     let pos = sincos_2d(dim, gh, gw, 1);

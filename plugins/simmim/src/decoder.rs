@@ -22,11 +22,7 @@ pub struct LinearDecoder<B: Backend> {
 }
 
 fn build(_p: &LinearParams, ctx: &BuildContext) -> Result<LinearDecoder<B>, PluginError> {
-    if ctx.encoder_dim == 0 || ctx.target_dim == 0 {
-        return Err(PluginError::Invalid(
-            "the encoder and target must be built first".into(),
-        ));
-    }
+    ctx.decoder_dims()?;
     Ok(LinearDecoder {
         pred: linear(ctx.encoder_dim, ctx.target_dim, &ctx.device),
         out_dim: ctx.target_dim,

@@ -309,7 +309,9 @@ mod tests {
         assert_eq!(out.tokens.dims(), [1, 5, 16]);
         // New pixels in the hidden patch change nothing; in a visible patch they do.
         let noise = Tensor::<B, 4>::random([1, 1, 4, 4], Distribution::Normal(0.0, 1.0), &d);
-        let hidden_changed = x.clone().slice_assign([0..1, 0..1, 0..4, 4..8], noise.clone());
+        let hidden_changed = x
+            .clone()
+            .slice_assign([0..1, 0..1, 0..4, 4..8], noise.clone());
         let same = EncoderModule::forward(&v, hidden_changed, Some(&mask));
         assert!(diff(&out.tokens, &same.tokens) < 1e-6);
         let visible_changed = x.clone().slice_assign([0..1, 0..1, 0..4, 0..4], noise);
