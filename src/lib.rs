@@ -4,7 +4,7 @@
 pub mod cli;
 
 /// Keep the built-in plugin crates linked, so that their registrations are present.
-pub fn builtin_plugins() -> [&'static str; 8] {
+pub fn builtin_plugins() -> [&'static str; 9] {
     [
         std::any::type_name::<umae_plugin_vit::Vit<umae_api::B>>(),
         std::any::type_name::<umae_plugin_mae::RandomMasker>(),
@@ -14,5 +14,6 @@ pub fn builtin_plugins() -> [&'static str; 8] {
         std::any::type_name::<umae_plugin_beit::Tokens>(),
         std::any::type_name::<umae_plugin_hog::Hog>(),
         std::any::type_name::<umae_plugin_regularizers::Decorrelation>(),
+        umae_sdk::ABI,
     ]
 }

@@ -3,6 +3,7 @@
 mod analyze;
 mod eval;
 mod interop;
+mod scaffold;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,6 +22,9 @@ use umae_runtime::{bench, model::Model, parse_device, RunOptions};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Load a dynamic plugin library first (repeatable; recipes can also list them in `plugins`).
+    #[arg(long = "plugin", value_name = "LIB.so", global = true)]
+    plugins: Vec<PathBuf>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -34,6 +38,17 @@ struct RecipeArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write a new dynamic plugin crate (masker, target or regularizer) with one test.
+    NewPlugin {
+        /// Plugin name, e.g. `my-term` (lowercase letters, digits, dashes).
+        name: String,
+        /// masker, target or regularizer.
+        #[arg(long)]
+        kind: String,
+        /// Folder to create (default: ./NAME).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Train a recipe (or continue a stopped run with --resume RUN_DIR).
     Run {
         /// Recipe file (RON); not used with --resume.
@@ -146,6 +161,12 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    for p in &cli.plugins {
+        if let Err(e) = umae_runtime::plugins::load(p) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(m)) => {
@@ -178,6 +199,7 @@ pub(crate) fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Plugins { kind } => plugins(kind.as_deref()),
+        Command::NewPlugin { name, kind, output } => scaffold::new_plugin(&name, &kind, output),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Analyze(cmd) => analyze::run(cmd),
         Command::Export {

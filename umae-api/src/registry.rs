@@ -150,18 +150,40 @@ impl Plugin {
 
 inventory::collect!(Plugin);
 
-/// Every plugin linked into this program, sorted by kind and name.
+/// Registrations refused when their library was loaded (a name clash), by address.
+static REFUSED: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+/// Every registration, refused ones included, in registry order.
+pub fn all_registered() -> Vec<&'static Plugin> {
+    inventory::iter::<Plugin>.into_iter().collect()
+}
+
+/// Ignore this registration from now on (a dynamic plugin whose name clashes with one that
+/// was there first). Its library stays loaded, since the registry entry lives in it.
+pub fn refuse(p: &'static Plugin) {
+    REFUSED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(p as *const Plugin as usize);
+}
+
+fn live() -> impl Iterator<Item = &'static Plugin> {
+    let refused = REFUSED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    inventory::iter::<Plugin>
+        .into_iter()
+        .filter(move |p| !refused.contains(&(*p as *const Plugin as usize)))
+}
+
+/// Every plugin of this program (built in, linked or loaded), sorted by kind and name.
 pub fn plugins() -> Vec<&'static Plugin> {
-    let mut v: Vec<&'static Plugin> = inventory::iter::<Plugin>.into_iter().collect();
+    let mut v: Vec<&'static Plugin> = live().collect();
     v.sort_by_key(|p| (p.kind(), p.name));
     v
 }
 
 /// The plugin of this kind and name.
 pub fn find(kind: PluginKind, name: &str) -> Option<&'static Plugin> {
-    inventory::iter::<Plugin>
-        .into_iter()
-        .find(|p| p.kind() == kind && p.name == name)
+    live().find(|p| p.kind() == kind && p.name == name)
 }
 
 /// Names of all plugins of a kind.

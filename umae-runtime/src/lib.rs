@@ -14,6 +14,7 @@ pub mod maskratio;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod plugins;
 pub mod probe;
 pub mod progress;
 pub mod source;

@@ -71,6 +71,8 @@ fn plugin_error(slot: &str, spec: &ComponentSpec, e: PluginError) -> RecipeError
 impl Model {
     /// Build every component of `recipe` on `device` (seeded).
     pub fn build(recipe: &Recipe, device: &Device) -> Result<Model, RecipeError> {
+        crate::plugins::load_all(&recipe.plugins, recipe.path.parent())
+            .map_err(|e| RecipeError::new(None, e))?;
         B::seed(device, recipe.seed);
         let d = &recipe.data;
         let mut ctx = BuildContext {

@@ -1,0 +1,112 @@
+//! `umae new-plugin`: a ready-to-build dynamic plugin crate from a template.
+
+use std::path::{Path, PathBuf};
+
+use super::Failure;
+
+/// Templates by kind; each is also compiled and tested inside umae's own test suite.
+const TEMPLATES: [(&str, &str); 3] = [
+    ("masker", include_str!("templates/masker.rs")),
+    ("target", include_str!("templates/target.rs")),
+    ("regularizer", include_str!("templates/regularizer.rs")),
+];
+
+/// `my-term` -> `MyTerm`.
+fn camel(name: &str) -> String {
+    name.split(['-', '_'])
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let mut c = s.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The files of a new plugin crate `name` of this kind, as (relative path, contents).
+pub fn files(
+    name: &str,
+    kind: &str,
+    umae_src: Option<&Path>,
+) -> Result<Vec<(String, String)>, String> {
+    let valid = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        return Err(format!(
+            "plugin name `{name}`: use lowercase letters, digits and dashes, starting with a letter (like `my-term`)"
+        ));
+    }
+    let Some((_, template)) = TEMPLATES.iter().find(|(k, _)| *k == kind) else {
+        return Err(format!(
+            "no template for kind `{kind}`: new-plugin writes masker, target or regularizer plugins; for an encoder or decoder start from plugins/simmim/src/decoder.rs (see docs/plugins.md)"
+        ));
+    };
+    let deps = match umae_src {
+        Some(root) => format!(
+            "umae-api = {{ path = \"{0}/umae-api\" }}\numae-sdk = {{ path = \"{0}/umae-sdk\" }}\n",
+            root.display()
+        ),
+        None => format!(
+            "umae-api = \"{0}\"\numae-sdk = \"{0}\"\n",
+            env!("CARGO_PKG_VERSION")
+        ),
+    };
+    let cargo = format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+         # A shared library that `umae --plugin` loads.\n[lib]\ncrate-type = [\"dylib\"]\n\n\
+         [dependencies]\n{deps}"
+    );
+    let config = "# Plugins share the standard library with umae: link it dynamically.\n\
+                  [build]\nrustflags = [\"-C\", \"prefer-dynamic\"]\n"
+        .to_string();
+    let lib = format!(
+        "//! The `{name}` {kind} plugin for umae.\n//!\n\
+         //!     cargo build --release\n\
+         //!     umae --plugin target/release/lib{lib}.so plugins --kind {kind}\n\n\
+         umae_sdk::declare_plugin!();\n\n{body}",
+        lib = name.replace('-', "_"),
+        body = template
+            .replace("my-plugin", name)
+            .replace("MyPlugin", &camel(name))
+    );
+    Ok(vec![
+        ("Cargo.toml".into(), cargo),
+        (".cargo/config.toml".into(), config),
+        ("src/lib.rs".into(), lib),
+    ])
+}
+
+pub fn new_plugin(name: &str, kind: &str, output: Option<PathBuf>) -> Result<(), Failure> {
+    let dir = output.unwrap_or_else(|| PathBuf::from(name));
+    if dir.exists() {
+        return Err(Failure::Input(format!(
+            "{} already exists: choose another --output",
+            dir.display()
+        )));
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let umae_src = src.join("umae-sdk").is_dir().then_some(src);
+    let files = files(name, kind, umae_src).map_err(Failure::Input)?;
+    for (rel, text) in &files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Failure::Run(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        std::fs::write(&path, text)
+            .map_err(|e| Failure::Run(format!("cannot write {}: {e}", path.display())))?;
+    }
+    println!(
+        "wrote the {kind} plugin `{name}` in {}:\n  {}\nnext: cd {} && cargo test && cargo build --release\nthen: umae --plugin {}/target/release/lib{}.so plugins --kind {kind}",
+        dir.display(),
+        files.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>().join("\n  "),
+        dir.display(),
+        dir.display(),
+        name.replace('-', "_")
+    );
+    Ok(())
+}
