@@ -7,12 +7,6 @@ use std::path::Path;
 
 use umae_api::recipe::Recipe;
 
-fn check_json(recipe: &str) -> serde_json::Value {
-    let o = run(&["check", recipe, "--json"]);
-    assert!(o.status.success(), "{recipe}: {}", text(&o));
-    serde_json::from_slice(&o.stdout).expect("json report")
-}
-
 #[test]
 fn simmim_and_beit_vit_b_have_their_known_sizes() {
     // ViT-B/16 encoder with a mask token: 85,647,360 + 768.
@@ -191,10 +185,8 @@ const TINY: &[&str] = &[
 ];
 
 fn step_losses(dir: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    metrics_rows(dir)
+        .into_iter()
         .filter(|r| r["kind"] == "step")
         .map(|r| r[key].as_f64().unwrap_or_else(|| panic!("{key} in {r}")))
         .collect()

@@ -3,12 +3,6 @@
 mod common;
 use common::*;
 
-fn check_json(recipe: &str) -> serde_json::Value {
-    let o = run(&["check", recipe, "--json"]);
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).expect("json report")
-}
-
 #[test]
 fn vit_b_mae_has_its_known_size() {
     for recipe in ["recipes/mae-vitb.ron", "recipes/u-mae-vitb.ron"] {

@@ -43,10 +43,8 @@ fn the_example_plugin_is_listed() {
 }
 
 fn step_losses(dir: &Path) -> Vec<(f64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    metrics_rows(dir)
+        .into_iter()
         .filter(|r| r["kind"] == "step")
         .map(|r| {
             let reg = r

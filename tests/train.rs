@@ -18,16 +18,8 @@ const SMALL: &[&str] = &[
     "eval.erank_samples=50",
 ];
 
-fn rows(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn epoch_rows(dir: &Path) -> Vec<serde_json::Value> {
-    rows(dir)
+    metrics_rows(dir)
         .into_iter()
         .filter(|r| r["kind"] == "epoch")
         .collect()
@@ -50,7 +42,7 @@ fn u_mae_trains_writes_metrics_and_checkpoints() {
     let out = tmp.path().join("run");
     let o = train(&out, "recipes/u-mae-fmnist.ron", 2);
     assert!(o.status.success(), "{}", text(&o));
-    let all = rows(&out);
+    let all = metrics_rows(&out);
     let first = all.iter().find(|r| r["kind"] == "step").unwrap();
     let epochs = epoch_rows(&out);
     assert_eq!(epochs.len(), 2);
@@ -159,7 +151,7 @@ fn killed_run_resumes_to_the_same_result() {
         );
     }
     // Step rows are not duplicated by the resumed part.
-    let steps: Vec<u64> = rows(&killed)
+    let steps: Vec<u64> = metrics_rows(&killed)
         .iter()
         .filter(|r| r["kind"] == "step")
         .map(|r| r["step"].as_u64().unwrap())

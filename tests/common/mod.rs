@@ -38,3 +38,19 @@ pub fn have_fmnist() -> bool {
     }
     ok
 }
+
+/// `umae check RECIPE --json`, which must succeed.
+pub fn check_json(recipe: &str) -> serde_json::Value {
+    let o = run(&["check", recipe, "--json"]);
+    assert!(o.status.success(), "{recipe}: {}", text(&o));
+    serde_json::from_slice(&o.stdout).expect("json report")
+}
+
+/// Every row of a run's `metrics.jsonl`.
+pub fn metrics_rows(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
