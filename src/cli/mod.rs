@@ -42,7 +42,7 @@ enum Command {
     NewPlugin {
         /// Plugin name, e.g. `my-term` (lowercase letters, digits, dashes).
         name: String,
-        /// masker, target or regularizer.
+        /// masker, encoder, decoder, target or regularizer.
         #[arg(long)]
         kind: String,
         /// Folder to create (default: ./NAME).

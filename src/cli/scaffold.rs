@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use super::Failure;
 
 /// Templates by kind; each is also compiled and tested inside umae's own test suite.
-const TEMPLATES: [(&str, &str); 3] = [
+const TEMPLATES: [(&str, &str); 5] = [
     ("masker", include_str!("templates/masker.rs")),
+    ("encoder", include_str!("templates/encoder.rs")),
+    ("decoder", include_str!("templates/decoder.rs")),
     ("target", include_str!("templates/target.rs")),
     ("regularizer", include_str!("templates/regularizer.rs")),
 ];
@@ -42,7 +44,7 @@ pub fn files(
     }
     let Some((_, template)) = TEMPLATES.iter().find(|(k, _)| *k == kind) else {
         return Err(format!(
-            "no template for kind `{kind}`: new-plugin writes masker, target or regularizer plugins; for an encoder or decoder start from plugins/simmim/src/decoder.rs (see docs/plugins.md)"
+            "unknown plugin kind `{kind}`: use masker, encoder, decoder, target or regularizer"
         ));
     };
     let deps = match umae_src {
