@@ -6,20 +6,22 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// The example plugin's shared library, built by cargo as a dev-dependency of these tests.
-fn example_so() -> PathBuf {
+/// A plugin library built by cargo as a dev-dependency of these tests.
+fn built_so(file: &str) -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_umae"));
     let dir = bin.parent().unwrap();
     for d in [dir.to_path_buf(), dir.join("deps")] {
-        let p = d.join("libumae_example_dylib.so");
+        let p = d.join(file);
         if p.exists() {
             return p;
         }
     }
-    panic!(
-        "libumae_example_dylib.so not found next to {}",
-        bin.display()
-    );
+    panic!("{file} not found next to {}", bin.display());
+}
+
+/// The example plugin's shared library.
+fn example_so() -> PathBuf {
+    built_so("libumae_example_dylib.so")
 }
 
 fn plugin_args(so: &Path) -> Vec<String> {
@@ -145,6 +147,56 @@ fn a_dynamic_copy_of_a_builtin_gives_the_same_losses_step_by_step() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = run(&args);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// Every kind across the library boundary: a model made only of the `new-plugin` templates,
+/// all five loaded from one shared library, trains and lowers its loss.
+#[test]
+fn a_dynamic_plugin_of_every_kind_trains() {
+    let so = built_so("libumae_templates_dylib.so");
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("templates.ron");
+    std::fs::write(
+        &recipe,
+        format!(
+            "Recipe(name: \"templates\", base: Some(\"{}\"), plugins: [\"{}\"], \
+             data: (format: Synthetic, synthetic_size: 256, eval_limit: Some(64)), \
+             masker: (plugin: \"my-plugin\", params: (count: 24)), \
+             encoder: (plugin: \"my-plugin\", params: (patch: 4, dim: 32)), \
+             decoder: (plugin: \"my-plugin\", params: ()), \
+             target: (plugin: \"my-plugin\", params: ()), \
+             regularizers: [(plugin: \"my-plugin\", weight: 0.1, params: ())], \
+             train: (epochs: 3, batch_size: 32, log_every: 1), \
+             eval: (online_probe: false, erank_samples: 0, linear: None, knn: None))",
+            repo().join("recipes/mae-fmnist.ron").display(),
+            so.display()
+        ),
+    )
+    .unwrap();
+    let report = check_json(recipe.to_str().unwrap());
+    assert!(report.to_string().contains("my-plugin"), "{report}");
+    let out = tmp.path().join("run");
+    let o = run(&[
+        "run",
+        recipe.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (target, reg): (Vec<f64>, Vec<f64>) = metrics_rows(&out)
+        .into_iter()
+        .filter(|r| r["kind"] == "step")
+        .map(|r| {
+            (
+                r["target.my-plugin"].as_f64().unwrap(),
+                r["reg.my-plugin"].as_f64().unwrap(),
+            )
+        })
+        .unzip();
+    assert_eq!(target.len(), 24);
+    assert!(target.iter().chain(&reg).all(|v| v.is_finite()));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(mean(&target[20..]) < mean(&target[..4]), "{target:?}");
 }
 
 fn refused(so: &Path) -> String {
