@@ -170,6 +170,7 @@ fn the_five_templates_train_together() {
     let opts = umae_runtime::train::RunOptions {
         run_dir: tmp.path().join("run"),
         device: umae_api::burn::DispatchDevice::Flex(Default::default()),
+        parallel: Vec::new(),
         resume: false,
     };
     let summary = umae_runtime::train::run(&recipe, &opts).unwrap();

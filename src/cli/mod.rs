@@ -63,8 +63,9 @@ enum Command {
         /// Continue the run in this directory from its latest checkpoint.
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["recipe", "output"])]
         resume: Option<PathBuf>,
-        /// cpu, cuda, cuda:N or tch (default: the recipe's `device`, else cpu).
-        #[arg(long)]
+        /// cpu, cuda, cuda:N or tch (default: the recipe's `device`, else cpu); a list such
+        /// as `cuda:0,cuda:1` trains data-parallel, train.batch_size images per device.
+        #[arg(long, visible_alias = "devices")]
         device: Option<String>,
     },
     /// Validate a recipe and build its model: components, shapes and parameter counts.
@@ -146,6 +147,19 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Check that a device computes what the CPU does: one training step of the recipe's model
+    /// with the same weights, images and masks, in f32 and with bf16 products; exit 1 if they
+    /// disagree.
+    DeviceCheck {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// The device to check (default: the recipe's `device`).
+        #[arg(long)]
+        device: Option<String>,
+        /// Images in the step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
     },
 }
 
@@ -278,12 +292,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     (r, dir, false)
                 }
             };
-            let device = device_for(device.as_deref(), &r)?;
+            let name = device.as_deref().or(r.device.as_deref()).unwrap_or("cpu");
+            let mut devices = umae_runtime::parse_devices(name).map_err(Failure::Input)?;
+            let device = devices.remove(0);
             let summary = umae_runtime::run(
                 &r,
                 &RunOptions {
                     run_dir: run_dir.clone(),
                     device,
+                    parallel: devices,
                     resume,
                 },
             )
@@ -350,6 +367,38 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 );
             }
             Ok(())
+        }
+        Command::DeviceCheck {
+            recipe,
+            device,
+            batch,
+        } => {
+            let r = load(&recipe.recipe, &recipe.sets)?;
+            let name = device.as_deref().or(r.device.as_deref()).unwrap_or("cpu");
+            let device = device_for(Some(name), &r)?;
+            if batch == 0 {
+                return Err(Failure::Input("--batch must be at least 1".into()));
+            }
+            let c = bench::device_check(&r, &device, batch).map_err(Failure::Run)?;
+            let (f, h) = c.errors();
+            println!("{}: one training step, batch {batch}, total loss", r.name);
+            println!("  reference: cpu f32 {:.6}", c.cpu);
+            println!(
+                "  {name} f32: {:.6} (relative difference {f:.2e}, at most 1e-2)",
+                c.device_f32
+            );
+            println!(
+                "  {name} bf16: {:.6} (relative difference {h:.2e}, at most 5e-2)",
+                c.device_bf16
+            );
+            if c.passed() {
+                println!("{name} agrees with the CPU");
+                Ok(())
+            } else {
+                Err(Failure::Run(format!(
+                    "{name} disagrees with the CPU: check the driver and the build (`cargo build --release --features cuda`), and report it with this output"
+                )))
+            }
         }
     }
 }

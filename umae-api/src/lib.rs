@@ -13,6 +13,7 @@ pub mod de;
 pub mod geometry;
 pub mod mask;
 pub mod params;
+pub mod precision;
 pub mod recipe;
 pub mod registry;
 pub mod rng;

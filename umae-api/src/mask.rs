@@ -46,6 +46,15 @@ impl MaskPlan {
         self.order.len()
     }
 
+    /// The plan of samples `rows` only (a worker's share of a batch).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> MaskPlan {
+        MaskPlan {
+            num_patches: self.num_patches,
+            num_visible: self.num_visible,
+            order: self.order[rows].to_vec(),
+        }
+    }
+
     /// Visible patch ids per sample (MAE's `ids_keep`).
     pub fn keep(&self) -> Vec<Vec<usize>> {
         self.order

@@ -393,6 +393,8 @@ pub struct Recipe {
     pub seed: u64,
     /// `cpu`, `cuda`, `cuda:N` or `tch`; the command line's `--device` wins.
     pub device: Option<String>,
+    /// Precision of the matrix products while training (`F32` or `Bf16`).
+    pub precision: crate::precision::Precision,
     /// Dynamic plugin libraries to load before the components are built.
     pub plugins: Vec<String>,
     pub data: DataSpec,
@@ -416,6 +418,7 @@ pub const FIELDS: &[&str] = &[
     "base",
     "seed",
     "device",
+    "precision",
     "plugins",
     "data",
     "masker",
@@ -544,6 +547,7 @@ impl Recipe {
             path: path.to_path_buf(),
             seed: typed("seed", section("seed"))?,
             device: typed("device", section("device"))?,
+            precision: typed("precision", section("precision"))?,
             plugins: typed("plugins", section("plugins"))?,
             data: typed("data", section("data"))?,
             masker: component("masker")?,
@@ -666,14 +670,27 @@ impl Recipe {
     }
 
     /// The learning rate at the peak of the schedule.
+    /// The peak learning rate on one device (`lr`, or MAE's `blr * effective batch / 256`).
     pub fn peak_lr(&self) -> f64 {
-        self.optimizer
-            .lr
-            .unwrap_or(self.optimizer.blr * self.effective_batch() as f64 / 256.0)
+        self.peak_lr_on(1)
     }
 
+    /// The peak learning rate when training data-parallel on `devices` devices.
+    pub fn peak_lr_on(&self, devices: usize) -> f64 {
+        self.optimizer
+            .lr
+            .unwrap_or(self.optimizer.blr * self.effective_batch_on(devices) as f64 / 256.0)
+    }
+
+    /// Images per optimizer step on one device: `batch_size x accum_steps`.
     pub fn effective_batch(&self) -> usize {
-        self.train.batch_size * self.train.accum_steps
+        self.effective_batch_on(1)
+    }
+
+    /// Images per optimizer step on `devices` devices (`train.batch_size` is per device, as in
+    /// MAE's `--batch_size`).
+    pub fn effective_batch_on(&self, devices: usize) -> usize {
+        self.train.batch_size * self.train.accum_steps * devices
     }
 }
 

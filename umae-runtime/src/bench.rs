@@ -58,7 +58,7 @@ pub fn bench(
                 &labels,
                 &mut rng,
                 1,
-            );
+            )?;
             apply_step(model, &mut opt, 1e-4, recipe.eval.probe_lr);
             // Read the loss, as the trainer does each step (this also waits for the device).
             let loss: f32 = scalars.narrow(0, 0, 1).into_scalar();
@@ -80,4 +80,83 @@ pub fn bench(
         ms_per_step: seconds * 1000.0 / steps as f64,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// `umae device-check`: one training step's losses on a device against the CPU.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceCheck {
+    /// Total loss of the step on the CPU, f32.
+    pub cpu: f32,
+    /// The same step on the device, f32.
+    pub device_f32: f32,
+    /// The same step on the device with bf16 matrix products.
+    pub device_bf16: f32,
+}
+
+impl DeviceCheck {
+    /// Relative differences to the CPU: (f32, bf16).
+    pub fn errors(&self) -> (f32, f32) {
+        let rel = |x: f32| (x - self.cpu).abs() / self.cpu.abs().max(1e-6);
+        (rel(self.device_f32), rel(self.device_bf16))
+    }
+
+    /// Whether the device agrees with the CPU: within 1% in f32 (GPU matrix units may round
+    /// products to TF32) and 5% with bf16 products.
+    pub fn passed(&self) -> bool {
+        let (f, h) = self.errors();
+        self.device_f32.is_finite() && self.device_bf16.is_finite() && f <= 1e-2 && h <= 5e-2
+    }
+}
+
+/// Build `recipe`'s model on the CPU and on `device` with the same weights (and the same fitted
+/// target state), and compare the loss of one training step on the same images and masks, in
+/// f32 and with bf16 products on the device.
+pub fn device_check(recipe: &Recipe, device: &Device, batch: usize) -> Result<DeviceCheck, String> {
+    let cpu = crate::parse_device("cpu")?;
+    let cache = std::env::temp_dir().join(format!("umae-device-check-{}", std::process::id()));
+    std::fs::create_dir_all(&cache)
+        .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
+    let result = (|| {
+        let (mut reference, opt, norm) = training_parts(recipe, &cpu)?;
+        prepare_target(&mut reference, recipe, None, Some(&cache), &cpu)?;
+        let snapshot = crate::parallel::Snapshot::of(&reference, &norm, &opt);
+        let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
+        // The target loads what the CPU fitted from the cache instead of fitting again.
+        prepare_target(&mut model, recipe, None, Some(&cache), device)?;
+        snapshot.apply(&mut model, &mut norm, &mut opt, device)?;
+        let g = reference.geometry;
+        let n = batch * g.channels * g.height * g.width;
+        let pixels: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let plan = reference
+            .masker
+            .sample(&g, batch, &mut Rng::new(recipe.seed));
+        let labels = vec![0i64; batch];
+        let loss = |m: &Model, d: &Device| -> Result<f32, String> {
+            let images = crate::model::images_tensor(pixels.clone(), batch, &g, d);
+            let out = crate::step::forward_backward(
+                m,
+                None,
+                images,
+                &labels,
+                &plan.to_device(d),
+                1.0,
+                None,
+            )?;
+            Ok(out.scalars.narrow(0, 0, 1).into_scalar())
+        };
+        let cpu_loss = loss(&reference, &cpu)?;
+        model.precision = umae_api::precision::Precision::F32;
+        let device_f32 = loss(&model, device)?;
+        model.precision = umae_api::precision::Precision::Bf16;
+        let device_bf16 = loss(&model, device)?;
+        Ok(DeviceCheck {
+            cpu: cpu_loss,
+            device_f32,
+            device_bf16,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&cache);
+    result
 }

@@ -13,6 +13,7 @@ pub mod interop;
 pub mod maskratio;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod plot;
 pub mod plugins;
 pub mod probe;
@@ -22,6 +23,6 @@ pub mod step;
 pub mod train;
 pub mod tsne;
 
-pub use device::parse_device;
+pub use device::{parse_device, parse_devices};
 pub use model::{Model, Report};
 pub use train::{run, RunOptions, Summary};

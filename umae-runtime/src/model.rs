@@ -36,6 +36,8 @@ pub struct Model {
     pub probe: Option<Probe<B>>,
     pub geometry: PatchGeometry,
     pub names: [String; 4],
+    /// Precision of the matrix products in a training step (the recipe's `precision`).
+    pub precision: umae_api::precision::Precision,
 }
 
 fn plugin(
@@ -173,6 +175,7 @@ impl Model {
                 dspec.plugin.clone(),
                 t.plugin.clone(),
             ],
+            precision: recipe.precision,
         })
     }
 

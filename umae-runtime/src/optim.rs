@@ -59,6 +59,28 @@ impl AdamW {
         });
     }
 
+    /// Replace the accumulated gradients by `reduce` of all of them, flattened into one vector
+    /// in key order (data parallelism: one all-reduce per step instead of one per tensor).
+    pub fn reduce_accumulated(
+        &mut self,
+        reduce: impl FnOnce(Tensor<Inner, 1>) -> Result<Tensor<Inner, 1>, String>,
+    ) -> Result<(), String> {
+        let mut keys: Vec<String> = self.acc.keys().cloned().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        keys.sort();
+        let parts: Vec<Tensor<Inner, 1>> = keys.iter().map(|k| self.acc[k].clone()).collect();
+        let sizes: Vec<usize> = parts.iter().map(|t| t.dims()[0]).collect();
+        let flat = reduce(Tensor::cat(parts, 0))?;
+        let mut at = 0;
+        for (k, n) in keys.into_iter().zip(sizes) {
+            self.acc.insert(k, flat.clone().narrow(0, at, n));
+            at += n;
+        }
+        Ok(())
+    }
+
     /// The global L2 norm of the accumulated gradients (one host read).
     pub fn grad_norm(&self) -> f64 {
         let parts: Vec<Tensor<Inner, 1>> = self

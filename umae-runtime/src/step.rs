@@ -14,6 +14,7 @@ use umae_api::{Device, EncoderOutput, Grads, Inner, Mask, Preparation, Rng, B};
 use crate::data::{Dataset, Pipeline};
 use crate::model::{images_tensor, Model};
 use crate::optim::AdamW;
+use crate::parallel::Peer;
 
 /// Running statistics of the probe's BatchNorm (no affine parameters).
 #[derive(Debug, Clone)]
@@ -70,6 +71,7 @@ pub fn labels_tensor(labels: &[i64], device: &Device) -> Tensor<B, 1, Int> {
 }
 
 /// Forward and backward of one micro-batch. `scale` divides the loss (gradient accumulation).
+/// With data parallelism (`peer`), the regularizers see the features of every peer's images.
 pub fn forward_backward(
     model: &Model,
     norm: Option<&mut ProbeNorm>,
@@ -77,17 +79,43 @@ pub fn forward_backward(
     labels: &[i64],
     mask: &Mask,
     scale: f64,
-) -> StepOutput {
+    peer: Option<&Peer>,
+) -> Result<StepOutput, String> {
     let device = images.device();
-    let encoded: EncoderOutput = model.encoder.forward(images.clone(), Some(mask));
-    let pred = model.decoder.forward(&encoded, mask);
-    let target_loss = model.target.loss(&images, pred, mask);
+    // The components' matrix products run in the recipe's precision; losses stay f32.
+    let (encoded, target_loss) = umae_api::precision::with(model.precision, || {
+        let encoded: EncoderOutput = model.encoder.forward(images.clone(), Some(mask));
+        let pred = model.decoder.forward(&encoded, mask);
+        (encoded, model.target.loss(&images, pred, mask))
+    });
 
     let mut total = target_loss.clone();
     let mut scalars = vec![target_loss];
+    // Data parallel: each peer computes the regularizers over the gathered features, with
+    // gradients to its own rows only, weighted by the number of peers so that the mean of the
+    // peers' gradients is the gradient of the regularizer over the global batch.
+    let (gathered, reg_scale) = match peer {
+        Some(p) if p.world > 1 && !model.regularizers.is_empty() => (
+            EncoderOutput {
+                tokens: p.gather(encoded.tokens.clone())?,
+                pooled: p.gather(encoded.pooled.clone())?,
+                prefix: encoded.prefix,
+            },
+            p.world as f64,
+        ),
+        _ => (encoded.clone(), 1.0),
+    };
+    let mut reg_extra: Option<Tensor<B, 1>> = None;
     for r in &model.regularizers {
-        let term = r.term.loss(&encoded);
+        let term = r.term.loss(&gathered);
         total = total + term.clone() * r.weight;
+        if reg_scale != 1.0 {
+            let extra = term.clone() * (r.weight * (reg_scale - 1.0));
+            reg_extra = Some(match reg_extra {
+                Some(e) => e + extra,
+                None => extra,
+            });
+        }
         scalars.push(term);
     }
     match (norm, &model.probe) {
@@ -114,8 +142,12 @@ pub fn forward_backward(
     }
     scalars.insert(0, total.clone());
     let scalars = Tensor::cat(scalars, 0).detach();
-    let grads = (total / scale).backward();
-    StepOutput { grads, scalars }
+    let objective = match reg_extra {
+        Some(extra) => total + extra,
+        None => total,
+    };
+    let grads = (objective / scale).backward();
+    Ok(StepOutput { grads, scalars })
 }
 
 /// One micro-batch of training: draw the mask, forward, backward, and add every component's
@@ -128,17 +160,17 @@ pub fn train_micro_batch(
     labels: &[i64],
     rng: &mut Rng,
     accum: usize,
-) -> Tensor<B, 1> {
+) -> Result<Tensor<B, 1>, String> {
     let device = images.device();
     let mask = model
         .masker
         .sample(&model.geometry, labels.len(), rng)
         .to_device(&device);
-    let out = forward_backward(model, norm, images, labels, &mask, accum as f64);
+    let out = forward_backward(model, norm, images, labels, &mask, accum as f64, None)?;
     for (prefix, m) in model.trainables() {
         opt.accumulate(prefix, m, &out.grads);
     }
-    out.scalars
+    Ok(out.scalars)
 }
 
 /// Apply the accumulated gradients: the model at `lr`, the online probe at `probe_lr`.

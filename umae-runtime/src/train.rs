@@ -25,6 +25,9 @@ use crate::step::{
 pub struct RunOptions {
     pub run_dir: PathBuf,
     pub device: Device,
+    /// Further devices for data parallelism (`--device cuda:0,cuda:1` gives `cuda:1` here):
+    /// each trains a replica on its share of every batch. Empty: one device.
+    pub parallel: Vec<Device>,
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
 }
@@ -341,18 +344,36 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         }
     }
 
-    let batch = recipe.train.batch_size;
+    // Data parallel: `train.batch_size` images per device, one global batch drawn per
+    // micro-step and split between the devices.
+    let world = 1 + opts.parallel.len();
+    let batch = recipe.train.batch_size * world;
     let accum = recipe.train.accum_steps;
     let micro_per_epoch = train_set.len() / batch;
     let steps_per_epoch = micro_per_epoch / accum;
     if steps_per_epoch == 0 {
         return Err(format!(
-            "the training set has {} images, fewer than one effective batch of {} (batch_size {} x accum_steps {}): lower train.batch_size or accum_steps",
-            train_set.len(), batch * accum, batch, accum
+            "the training set has {} images, fewer than one effective batch of {} (batch_size {} x accum_steps {} x {world} device(s)): lower train.batch_size or accum_steps",
+            train_set.len(), batch * accum, recipe.train.batch_size, accum
         ));
     }
+    let replicas = if world > 1 {
+        let devices: Vec<Device> = std::iter::once(device.clone())
+            .chain(opts.parallel.iter().cloned())
+            .collect();
+        let snapshot = crate::parallel::Snapshot::of(&model, &norm, &opt);
+        Some(crate::parallel::Replicas::start(
+            recipe,
+            &devices,
+            snapshot,
+            train_set.clone(),
+            Some(run_dir.to_path_buf()),
+        )?)
+    } else {
+        None
+    };
     let epochs = recipe.train.epochs;
-    let peak = recipe.peak_lr();
+    let peak = recipe.peak_lr_on(world);
     let names: Vec<String> = std::iter::once("loss".to_string())
         .chain(std::iter::once(format!("target.{}", model.names[3])))
         .chain(model.regularizers.iter().map(|r| format!("reg.{}", r.name)))
@@ -364,7 +385,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         ..Default::default()
     };
     tracing::info!(
-        "training {} for {epochs} epochs, {steps_per_epoch} steps/epoch, effective batch {}, peak lr {peak:.3e}",
+        "training {} for {epochs} epochs on {world} device(s), {steps_per_epoch} steps/epoch, effective batch {}, peak lr {peak:.3e}",
         recipe.name, batch * accum
     );
 
@@ -400,21 +421,39 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 let b = loader
                     .next()
                     .expect("loader yields steps_per_epoch * accum batches")?;
-                let images = images_tensor(b.images, b.n, &model.geometry, device);
-                let scalars = train_micro_batch(
-                    &model,
-                    norm.as_mut(),
-                    &mut opt,
-                    images,
-                    &b.labels,
-                    &mut state.rng,
-                    accum,
-                );
-                let vals: Vec<f32> = scalars
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec()
-                    .map_err(|e| format!("{e:?}"))?;
+                let vals: Vec<f32> = match &replicas {
+                    None => {
+                        let images = images_tensor(b.images, b.n, &model.geometry, device);
+                        train_micro_batch(
+                            &model,
+                            norm.as_mut(),
+                            &mut opt,
+                            images,
+                            &b.labels,
+                            &mut state.rng,
+                            accum,
+                        )?
+                        .into_data()
+                        .convert::<f32>()
+                        .to_vec()
+                        .map_err(|e| format!("{e:?}"))?
+                    }
+                    Some(r) => {
+                        // The masks of the whole batch, drawn as one device would.
+                        let plan = model.masker.sample(&model.geometry, b.n, &mut state.rng);
+                        r.micro_batch(
+                            &model,
+                            norm.as_mut(),
+                            &mut opt,
+                            b.images,
+                            b.n,
+                            &b.labels,
+                            &plan,
+                            accum as f64,
+                            device,
+                        )?
+                    }
+                };
                 if !vals[0].is_finite() {
                     return Err(format!(
                         "the loss became {} at epoch {} step {}: the run stops here and its last checkpoint is kept; lower the learning rate (optimizer.blr) or set optimizer.clip_grad",
@@ -427,7 +466,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 seen += b.n;
                 window_images += b.n;
             }
-            apply_step(&mut model, &mut opt, lr, recipe.eval.probe_lr);
+            match &replicas {
+                None => apply_step(&mut model, &mut opt, lr, recipe.eval.probe_lr),
+                Some(r) => r.apply(&mut model, &mut opt, lr, recipe.eval.probe_lr)?,
+            }
             state.step += 1;
             for (a, v) in sums.iter_mut().zip(&step_sums) {
                 *a += v;

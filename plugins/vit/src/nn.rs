@@ -9,7 +9,7 @@ use umae_api::burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::activation::{gelu, softmax};
 use umae_api::burn::tensor::{Distribution, Tensor};
-use umae_api::{Device, B};
+use umae_api::{precision, Device, B};
 
 /// Linear layer with MAE's initialisation: Xavier-uniform weight, zero bias.
 pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear<B> {
@@ -32,9 +32,19 @@ pub fn layer_norm(d: usize, device: &Device) -> LayerNorm<B> {
 /// Apply a Linear to `[B, T, C]` through a 2-D view.
 pub fn linear3(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, c] = x.dims();
-    let y = layer.forward(x.reshape([b * t, c]));
+    let y = dense(layer, x.reshape([b * t, c]));
     let out = y.dims()[1];
     y.reshape([b, t, out])
+}
+
+/// `x W + b` for `x: [rows, in]`, the product in the current compute precision
+/// ([`umae_api::precision`]); the bias is added in f32.
+pub fn dense(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let y = precision::matmul(x, layer.weight.val());
+    match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze_dim(0),
+        None => y,
+    }
 }
 
 /// Multi-head self-attention with one fused qkv projection (the layout of timm and MAE).
@@ -59,9 +69,7 @@ impl Attention<B> {
         let [b, t, d] = x.dims();
         let h = self.heads;
         let hd = d / h;
-        let qkv = self
-            .qkv
-            .forward(x.reshape([b * t, d]))
+        let qkv = dense(&self.qkv, x.reshape([b * t, d]))
             .reshape([b, t, 3, h, hd])
             .permute([2, 0, 3, 1, 4]);
         let mut parts = qkv
@@ -74,9 +82,12 @@ impl Attention<B> {
             parts.next().unwrap(),
         );
         let scale = (hd as f64).powf(-0.5);
-        let attn = softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3);
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([b * t, d]);
-        self.proj.forward(out).reshape([b, t, d])
+        // Scores and the weighted sum in the compute precision, the softmax in f32.
+        let attn = softmax(precision::matmul(q.mul_scalar(scale), k.swap_dims(2, 3)), 3);
+        let out = precision::matmul(attn, v)
+            .swap_dims(1, 2)
+            .reshape([b * t, d]);
+        dense(&self.proj, out).reshape([b, t, d])
     }
 }
 
@@ -90,8 +101,8 @@ pub struct Mlp<B: Backend> {
 impl Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let y = gelu(self.fc1.forward(x.reshape([b * t, d])));
-        self.fc2.forward(y).reshape([b, t, d])
+        let y = gelu(dense(&self.fc1, x.reshape([b * t, d])));
+        dense(&self.fc2, y).reshape([b, t, d])
     }
 }
 

@@ -1,0 +1,525 @@
+//! Data parallelism over several devices, through burn-collective.
+//!
+//! One peer per device. Peer 0 is the trainer's own thread and model; peers 1.. are threads
+//! with a replica each. Every optimizer step, the trainer draws the global batch and its masks
+//! (exactly as a single device would for a batch that size), gives each peer its rows, and each
+//! peer runs forward and backward on them. Regularizers see the features of the whole global
+//! batch: each peer all-gathers them, its own rows keeping their gradients (as the paper's
+//! code gathers features across GPUs). The gradients are then averaged across peers by one
+//! all-reduce and every peer applies the same AdamW step, so the replicas stay identical. With
+//! the same global batch this is the single-device computation, up to summation order.
+//!
+//! Multi-node training uses the same calls: burn-collective's global mode joins the peers of
+//! several processes through its orchestrator (see docs/performance.md).
+
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use umae_api::burn::collective::{
+    self, AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation,
+};
+use umae_api::burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use umae_api::recipe::Recipe;
+use umae_api::{Device, Inner, Mask, MaskPlan, B};
+
+use crate::data::Dataset;
+use crate::model::{images_tensor, Model};
+use crate::optim::AdamW;
+use crate::step::{apply_step, forward_backward, prepare_target, training_parts, ProbeNorm};
+
+/// This peer's place among the peers.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub rank: usize,
+    pub world: usize,
+}
+
+fn collective_error(what: &str, e: collective::CollectiveError) -> String {
+    format!("{what} between devices failed: {e:?}")
+}
+
+impl Peer {
+    /// The sum or mean of `t` over all peers (every peer calls this with the same shape).
+    pub fn all_reduce(
+        &self,
+        t: Tensor<Inner, 1>,
+        op: ReduceOperation,
+    ) -> Result<Tensor<Inner, 1>, String> {
+        let out = collective::all_reduce::<Inner>(
+            PeerId::from(self.rank),
+            t.into_primitive().tensor(),
+            op,
+        )
+        .map_err(|e| collective_error("all-reduce", e))?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    /// Every peer's `local` (the same shape on each) stacked along dimension 0 in rank order.
+    /// Only this peer's rows are differentiable; the others are constants here, and their
+    /// gradients are computed by their own peers.
+    pub fn gather<const D: usize>(&self, local: Tensor<B, D>) -> Result<Tensor<B, D>, String> {
+        let dims = local.dims();
+        let rows = dims[0];
+        let inner = local.clone().inner();
+        let n = inner.shape().num_elements();
+        let device = inner.device();
+        // This peer's values in its slot, zeros elsewhere: the sum over peers is the gather.
+        let (before, after) = (self.rank * n, (self.world - self.rank - 1) * n);
+        let mut slots = Vec::with_capacity(3);
+        if before > 0 {
+            slots.push(Tensor::<Inner, 1>::zeros([before], &device));
+        }
+        slots.push(inner.reshape([n]));
+        if after > 0 {
+            slots.push(Tensor::zeros([after], &device));
+        }
+        let all = self.all_reduce(Tensor::cat(slots, 0), ReduceOperation::Sum)?;
+        let mut shape = dims;
+        shape[0] = rows * self.world;
+        let all = Tensor::<B, D>::from_inner(all.reshape(shape));
+        let mut parts = Vec::with_capacity(3);
+        if self.rank > 0 {
+            parts.push(all.clone().narrow(0, 0, self.rank * rows));
+        }
+        parts.push(local);
+        let after = (self.world - self.rank - 1) * rows;
+        if after > 0 {
+            parts.push(all.narrow(0, (self.rank + 1) * rows, after));
+        }
+        Ok(Tensor::cat(parts, 0))
+    }
+}
+
+/// Weights, probe statistics and optimizer state on the host: how peer 0 starts the replicas.
+#[derive(Clone, Default)]
+pub struct Snapshot {
+    params: Vec<(String, Vec<f32>)>,
+    norm: Option<(Vec<f32>, Vec<f32>)>,
+    step: u64,
+    m: Vec<(String, Vec<f32>)>,
+    v: Vec<(String, Vec<f32>)>,
+}
+
+fn host(t: Tensor<Inner, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap_or_default()
+}
+
+fn device_vec(v: &[f32], device: &Device) -> Tensor<Inner, 1> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
+}
+
+impl Snapshot {
+    pub fn of(model: &Model, norm: &Option<ProbeNorm>, opt: &AdamW) -> Snapshot {
+        let mut params = Vec::new();
+        for (prefix, part) in model.trainables() {
+            part.visit_params(&mut |info, t| {
+                params.push((format!("{prefix}.{}", info.path), host(t)));
+            });
+        }
+        let moments = |m: &std::collections::HashMap<String, Tensor<Inner, 1>>| {
+            m.iter()
+                .map(|(k, t)| (k.clone(), host(t.clone())))
+                .collect()
+        };
+        Snapshot {
+            params,
+            norm: norm
+                .as_ref()
+                .map(|n| (host(n.mean.clone()), host(n.var.clone()))),
+            step: opt.step,
+            m: moments(&opt.m),
+            v: moments(&opt.v),
+        }
+    }
+
+    /// Load the snapshot into a model built from the same recipe (on any device).
+    pub fn apply(
+        &self,
+        model: &mut Model,
+        norm: &mut Option<ProbeNorm>,
+        opt: &mut AdamW,
+        device: &Device,
+    ) -> Result<(), String> {
+        let params: std::collections::HashMap<&str, &Vec<f32>> =
+            self.params.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut missing = None;
+        for (prefix, part) in model.trainables_mut() {
+            part.map_params(&mut |info, t| match params
+                .get(format!("{prefix}.{}", info.path).as_str())
+            {
+                Some(v) if v.len() == t.dims()[0] => device_vec(v, device),
+                _ => {
+                    missing = Some(format!("{prefix}.{}", info.path));
+                    t
+                }
+            });
+        }
+        if let Some(k) = missing {
+            return Err(format!("replica parameter {k} differs from the trainer's"));
+        }
+        if let (Some(n), Some((mean, var))) = (norm.as_mut(), &self.norm) {
+            n.mean = device_vec(mean, device);
+            n.var = device_vec(var, device);
+        }
+        opt.step = self.step;
+        opt.m = self
+            .m
+            .iter()
+            .map(|(k, v)| (k.clone(), device_vec(v, device)))
+            .collect();
+        opt.v = self
+            .v
+            .iter()
+            .map(|(k, v)| (k.clone(), device_vec(v, device)))
+            .collect();
+        Ok(())
+    }
+}
+
+/// Work for a replica.
+enum Job {
+    /// Forward and backward on these images (host, normalised), accumulating gradients.
+    Batch {
+        images: Vec<f32>,
+        n: usize,
+        labels: Vec<i64>,
+        mask: MaskPlan,
+        scale: f64,
+    },
+    /// Average the accumulated gradients with the other peers and step.
+    Apply { lr: f64, probe_lr: f64 },
+    /// Join the collective (once every replica is built).
+    Register,
+}
+
+/// The replicas of a data-parallel run (peers 1..), driven by the trainer (peer 0).
+pub struct Replicas {
+    pub peer: Peer,
+    jobs: Vec<Sender<Job>>,
+    results: Vec<Receiver<Result<Vec<f32>, String>>>,
+    handles: Vec<JoinHandle<()>>,
+    /// False after any error: a replica may then wait in a collective call forever, so it is
+    /// not joined (the process is ending with the error).
+    healthy: std::cell::Cell<bool>,
+}
+
+/// The collective set-up for `world` devices on this machine.
+fn config(world: usize) -> CollectiveConfig {
+    CollectiveConfig::default()
+        .with_num_devices(world)
+        .with_local_all_reduce_strategy(AllReduceStrategy::Centralized)
+}
+
+impl Replicas {
+    /// Start one replica per device of `devices[1..]`, each a copy of peer 0's state.
+    /// `devices[0]` is the trainer's.
+    pub fn start(
+        recipe: &Recipe,
+        devices: &[Device],
+        snapshot: Snapshot,
+        train_set: Arc<dyn Dataset>,
+        cache: Option<PathBuf>,
+    ) -> Result<Replicas, String> {
+        let world = devices.len();
+        collective::reset_collective::<Inner>();
+        let peer = Peer { rank: 0, world };
+        let mut replicas = Replicas {
+            peer,
+            jobs: Vec::new(),
+            results: Vec::new(),
+            handles: Vec::new(),
+            healthy: std::cell::Cell::new(true),
+        };
+        let snapshot = Arc::new(snapshot);
+        for (rank, device) in devices.iter().enumerate().skip(1) {
+            let (job_tx, job_rx) = channel::<Job>();
+            let (res_tx, res_rx) = channel();
+            let (recipe, device, snapshot, data, cache) = (
+                recipe.clone(),
+                device.clone(),
+                snapshot.clone(),
+                train_set.clone(),
+                cache.clone(),
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("umae-replica-{rank}"))
+                .spawn(move || {
+                    let peer = Peer { rank, world };
+                    replica(peer, recipe, device, &snapshot, data, cache, job_rx, res_tx)
+                })
+                .map_err(|e| format!("cannot start a replica thread: {e}"))?;
+            replicas.jobs.push(job_tx);
+            replicas.results.push(res_rx);
+            replicas.handles.push(handle);
+        }
+        // Every replica reports once it is built, or why it could not be; then all register.
+        for r in 0..replicas.results.len() {
+            replicas.receive(r)?;
+        }
+        for tx in &replicas.jobs {
+            tx.send(Job::Register)
+                .map_err(|_| "a replica stopped before registering".to_string())?;
+        }
+        collective::register::<Inner>(PeerId::from(0), devices[0].clone(), config(world))
+            .map_err(|e| collective_error("registering device 0", e))?;
+        for r in 0..replicas.results.len() {
+            replicas.receive(r)?;
+        }
+        Ok(replicas)
+    }
+
+    fn receive(&self, r: usize) -> Result<Vec<f32>, String> {
+        let got = self.results[r]
+            .recv()
+            .map_err(|_| format!("replica {} stopped", r + 1))
+            .and_then(|res| res.map_err(|e| format!("replica {}: {e}", r + 1)));
+        if got.is_err() {
+            self.healthy.set(false);
+        }
+        got
+    }
+
+    /// One micro-batch of `n` images split evenly over the peers: returns the step scalars of
+    /// the whole batch (losses averaged over the peers, probe hits summed).
+    #[allow(clippy::too_many_arguments)]
+    pub fn micro_batch(
+        &self,
+        model: &Model,
+        norm: Option<&mut ProbeNorm>,
+        opt: &mut AdamW,
+        images: Vec<f32>,
+        n: usize,
+        labels: &[i64],
+        mask: &MaskPlan,
+        scale: f64,
+        device: &Device,
+    ) -> Result<Vec<f32>, String> {
+        let world = self.peer.world;
+        let per = n / world;
+        let size = images.len() / n;
+        for (r, tx) in self.jobs.iter().enumerate() {
+            let rows = (r + 1) * per..(r + 2) * per;
+            tx.send(Job::Batch {
+                images: images[rows.start * size..rows.end * size].to_vec(),
+                n: per,
+                labels: labels[rows.clone()].to_vec(),
+                mask: mask.rows(rows),
+                scale,
+            })
+            .map_err(|_| format!("replica {} stopped", r + 1))?;
+        }
+        let mut images = images;
+        images.truncate(per * size);
+        let own = local_batch(
+            model,
+            norm,
+            opt,
+            images,
+            per,
+            &labels[..per],
+            &mask.rows(0..per),
+            scale,
+            device,
+            &self.peer,
+        )?;
+        let mut all = vec![own];
+        for r in 0..self.jobs.len() {
+            all.push(self.receive(r)?);
+        }
+        let k = all[0].len();
+        Ok((0..k)
+            .map(|i| {
+                let sum: f32 = all.iter().map(|v| v[i]).sum();
+                // The last scalar counts correct probe predictions: a sum, not a mean.
+                if i + 1 == k {
+                    sum
+                } else {
+                    sum / world as f32
+                }
+            })
+            .collect())
+    }
+
+    /// Average the gradients over the peers and apply the step on every replica.
+    pub fn apply(
+        &self,
+        model: &mut Model,
+        opt: &mut AdamW,
+        lr: f64,
+        probe_lr: f64,
+    ) -> Result<(), String> {
+        for (r, tx) in self.jobs.iter().enumerate() {
+            tx.send(Job::Apply { lr, probe_lr })
+                .map_err(|_| format!("replica {} stopped", r + 1))?;
+        }
+        reduce_and_step(&self.peer, model, opt, lr, probe_lr)?;
+        for r in 0..self.jobs.len() {
+            self.receive(r)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        self.jobs.clear();
+        if self.healthy.get() {
+            for h in self.handles.drain(..) {
+                let _ = h.join();
+            }
+        }
+        let _ = collective::finish_collective::<Inner>(PeerId::from(0));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn local_batch(
+    model: &Model,
+    norm: Option<&mut ProbeNorm>,
+    opt: &mut AdamW,
+    images: Vec<f32>,
+    n: usize,
+    labels: &[i64],
+    plan: &MaskPlan,
+    scale: f64,
+    device: &Device,
+    peer: &Peer,
+) -> Result<Vec<f32>, String> {
+    let images = images_tensor(images, n, &model.geometry, device);
+    let mask: Mask = plan.to_device(device);
+    let out = forward_backward(model, norm, images, labels, &mask, scale, Some(peer))?;
+    for (prefix, m) in model.trainables() {
+        opt.accumulate(prefix, m, &out.grads);
+    }
+    out.scalars
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn reduce_and_step(
+    peer: &Peer,
+    model: &mut Model,
+    opt: &mut AdamW,
+    lr: f64,
+    probe_lr: f64,
+) -> Result<(), String> {
+    opt.reduce_accumulated(|g| peer.all_reduce(g, ReduceOperation::Mean))?;
+    apply_step(model, opt, lr, probe_lr);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replica(
+    peer: Peer,
+    recipe: Recipe,
+    device: Device,
+    snapshot: &Snapshot,
+    data: Arc<dyn Dataset>,
+    cache: Option<PathBuf>,
+    jobs: Receiver<Job>,
+    results: Sender<Result<Vec<f32>, String>>,
+) {
+    let set_up = || -> Result<(Model, AdamW, Option<ProbeNorm>), String> {
+        let (mut model, mut opt, mut norm) = training_parts(&recipe, &device)?;
+        prepare_target(&mut model, &recipe, Some(data), cache.as_deref(), &device)?;
+        snapshot.apply(&mut model, &mut norm, &mut opt, &device)?;
+        Ok((model, opt, norm))
+    };
+    let (mut model, mut opt, mut norm) = match set_up() {
+        Ok(parts) => {
+            let _ = results.send(Ok(Vec::new()));
+            parts
+        }
+        Err(e) => {
+            let _ = results.send(Err(e));
+            return;
+        }
+    };
+    // Registration returns once every peer has registered (peer 0 last).
+    if !matches!(jobs.recv(), Ok(Job::Register)) {
+        return;
+    }
+    let registered =
+        collective::register::<Inner>(PeerId::from(peer.rank), device.clone(), config(peer.world))
+            .map(|()| Vec::new())
+            .map_err(|e| collective_error(&format!("registering device {}", peer.rank), e));
+    let failed = registered.is_err();
+    if results.send(registered).is_err() || failed {
+        return;
+    }
+    for job in jobs {
+        let result = match job {
+            Job::Batch {
+                images,
+                n,
+                labels,
+                mask,
+                scale,
+            } => local_batch(
+                &model,
+                norm.as_mut(),
+                &mut opt,
+                images,
+                n,
+                &labels,
+                &mask,
+                scale,
+                &device,
+                &peer,
+            ),
+            Job::Apply { lr, probe_lr } => {
+                reduce_and_step(&peer, &mut model, &mut opt, lr, probe_lr).map(|()| Vec::new())
+            }
+            Job::Register => Err("registered twice".into()),
+        };
+        let failed = result.is_err();
+        if results.send(result).is_err() || failed {
+            break;
+        }
+    }
+    let _ = collective::finish_collective::<Inner>(PeerId::from(peer.rank));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_stacks_rows_in_rank_order_with_gradients_to_own_rows() {
+        collective::reset_collective::<Inner>();
+        let peers: Vec<_> = (0..2usize)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let device = Device::Flex(Default::default());
+                    collective::register::<Inner>(PeerId::from(rank), device.clone(), config(2))
+                        .unwrap();
+                    let peer = Peer { rank, world: 2 };
+                    let local = Tensor::<B, 2>::from_data(
+                        TensorData::new(vec![rank as f32 + 1.0; 4], [2, 2]),
+                        &device,
+                    )
+                    .require_grad();
+                    let all = peer.gather(local.clone()).unwrap();
+                    let values = all.clone().into_data().to_vec::<f32>().unwrap();
+                    let w = Tensor::<B, 2>::from_data(
+                        TensorData::new((1..=8).map(|x| x as f32).collect(), [4, 2]),
+                        &device,
+                    );
+                    let grads = (all * w).sum().backward();
+                    let g = local.grad(&grads).unwrap().into_data().to_vec::<f32>();
+                    collective::finish_collective::<Inner>(PeerId::from(rank)).unwrap();
+                    (values, g.unwrap())
+                })
+            })
+            .collect();
+        let r: Vec<(Vec<f32>, Vec<f32>)> = peers.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(r[0].0, [1., 1., 1., 1., 2., 2., 2., 2.]);
+        assert_eq!(r[1].0, r[0].0);
+        assert_eq!(r[0].1, [1., 2., 3., 4.]);
+        assert_eq!(r[1].1, [5., 6., 7., 8.]);
+    }
+}
