@@ -57,6 +57,22 @@ pub fn matmul<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> 
     }
 }
 
+/// `x W + b` for `x: [rows, in]` and `W: [in, out]`, the product in the current precision. In
+/// f32 it is burn's linear operation (with its own backward); with bf16 the product is cast and
+/// the bias added in f32.
+pub fn linear(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    match current() {
+        Precision::F32 => burn::tensor::module::linear(x, weight, bias),
+        Precision::Bf16 => {
+            let y = matmul(x, weight);
+            match bias {
+                Some(b) => y + b.unsqueeze_dim(0),
+                None => y,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,11 +40,7 @@ pub fn linear3(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
 /// `x W + b` for `x: [rows, in]`, the product in the current compute precision
 /// ([`umae_api::precision`]); the bias is added in f32.
 pub fn dense(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let y = precision::matmul(x, layer.weight.val());
-    match &layer.bias {
-        Some(bias) => y + bias.val().unsqueeze_dim(0),
-        None => y,
-    }
+    precision::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
 /// Multi-head self-attention with one fused qkv projection (the layout of timm and MAE).
