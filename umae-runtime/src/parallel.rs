@@ -178,16 +178,21 @@ impl Snapshot {
     }
 }
 
+/// One peer's rows of a micro-batch.
+struct Shard {
+    /// `n` normalised images on the host.
+    images: Vec<f32>,
+    n: usize,
+    labels: Vec<i64>,
+    mask: MaskPlan,
+    /// Divides the loss (gradient accumulation).
+    scale: f64,
+}
+
 /// Work for a replica.
 enum Job {
-    /// Forward and backward on these images (host, normalised), accumulating gradients.
-    Batch {
-        images: Vec<f32>,
-        n: usize,
-        labels: Vec<i64>,
-        mask: MaskPlan,
-        scale: f64,
-    },
+    /// Forward and backward on a shard, accumulating gradients.
+    Batch(Shard),
     /// Average the accumulated gradients with the other peers and step.
     Apply { lr: f64, probe_lr: f64 },
     /// Join the collective (once every replica is built).
@@ -299,31 +304,21 @@ impl Replicas {
         let world = self.peer.world;
         let per = n / world;
         let size = images.len() / n;
-        for (r, tx) in self.jobs.iter().enumerate() {
-            let rows = (r + 1) * per..(r + 2) * per;
-            tx.send(Job::Batch {
+        let shard = |rank: usize| {
+            let rows = rank * per..(rank + 1) * per;
+            Shard {
                 images: images[rows.start * size..rows.end * size].to_vec(),
                 n: per,
                 labels: labels[rows.clone()].to_vec(),
                 mask: mask.rows(rows),
                 scale,
-            })
-            .map_err(|_| format!("replica {} stopped", r + 1))?;
+            }
+        };
+        for (r, tx) in self.jobs.iter().enumerate() {
+            tx.send(Job::Batch(shard(r + 1)))
+                .map_err(|_| format!("replica {} stopped", r + 1))?;
         }
-        let mut images = images;
-        images.truncate(per * size);
-        let own = local_batch(
-            model,
-            norm,
-            opt,
-            images,
-            per,
-            &labels[..per],
-            &mask.rows(0..per),
-            scale,
-            device,
-            &self.peer,
-        )?;
+        let own = local_batch(model, norm, opt, shard(0), device, &self.peer)?;
         let mut all = vec![own];
         for r in 0..self.jobs.len() {
             all.push(self.receive(r)?);
@@ -374,22 +369,25 @@ impl Drop for Replicas {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn local_batch(
     model: &Model,
     norm: Option<&mut ProbeNorm>,
     opt: &mut AdamW,
-    images: Vec<f32>,
-    n: usize,
-    labels: &[i64],
-    plan: &MaskPlan,
-    scale: f64,
+    shard: Shard,
     device: &Device,
     peer: &Peer,
 ) -> Result<Vec<f32>, String> {
-    let images = images_tensor(images, n, &model.geometry, device);
-    let mask: Mask = plan.to_device(device);
-    let out = forward_backward(model, norm, images, labels, &mask, scale, Some(peer))?;
+    let images = images_tensor(shard.images, shard.n, &model.geometry, device);
+    let mask: Mask = shard.mask.to_device(device);
+    let out = forward_backward(
+        model,
+        norm,
+        images,
+        &shard.labels,
+        &mask,
+        shard.scale,
+        Some(peer),
+    )?;
     for (prefix, m) in model.trainables() {
         opt.accumulate(prefix, m, &out.grads);
     }
@@ -453,24 +451,9 @@ fn replica(
     }
     for job in jobs {
         let result = match job {
-            Job::Batch {
-                images,
-                n,
-                labels,
-                mask,
-                scale,
-            } => local_batch(
-                &model,
-                norm.as_mut(),
-                &mut opt,
-                images,
-                n,
-                &labels,
-                &mask,
-                scale,
-                &device,
-                &peer,
-            ),
+            Job::Batch(shard) => {
+                local_batch(&model, norm.as_mut(), &mut opt, shard, &device, &peer)
+            }
             Job::Apply { lr, probe_lr } => {
                 reduce_and_step(&peer, &mut model, &mut opt, lr, probe_lr).map(|()| Vec::new())
             }
