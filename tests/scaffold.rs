@@ -171,6 +171,7 @@ fn the_five_templates_train_together() {
         run_dir: tmp.path().join("run"),
         device: umae_api::burn::DispatchDevice::Flex(Default::default()),
         parallel: Vec::new(),
+        nodes: None,
         resume: false,
     };
     let summary = umae_runtime::train::run(&recipe, &opts).unwrap();

@@ -36,6 +36,43 @@ struct RecipeArgs {
     sets: Vec<String>,
 }
 
+/// Multi-node training: the same command on every node, each with its own --node-rank.
+#[derive(clap::Args, Clone, Default)]
+struct NodeArgs {
+    /// Number of nodes training together (each with the same --device list).
+    #[arg(long, requires_all = ["node_rank", "orchestrator", "node_address"])]
+    nodes: Option<usize>,
+    /// This node's index, 0..NODES.
+    #[arg(long, requires = "nodes")]
+    node_rank: Option<usize>,
+    /// HOST:PORT of `umae orchestrator`.
+    #[arg(long, value_name = "HOST:PORT", requires = "nodes")]
+    orchestrator: Option<String>,
+    /// HOST:PORT where the other nodes reach this one (it serves tensors on PORT).
+    #[arg(long, value_name = "HOST:PORT", requires = "nodes")]
+    node_address: Option<String>,
+}
+
+impl NodeArgs {
+    fn resolve(&self) -> Result<Option<umae_runtime::parallel::Nodes>, String> {
+        match (
+            self.nodes,
+            self.node_rank,
+            &self.orchestrator,
+            &self.node_address,
+        ) {
+            (Some(count), Some(rank), Some(orch), Some(addr)) => {
+                let nodes = umae_runtime::parallel::Nodes::new(count, rank, orch, addr)?;
+                if std::env::var_os("UMAE_EXPERIMENTAL_MULTI_NODE").is_none() {
+                    return Err(umae_runtime::parallel::MULTI_NODE_BLOCKED.to_string());
+                }
+                Ok(Some(nodes))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Write a new dynamic plugin crate (masker, target or regularizer) with one test.
@@ -67,6 +104,15 @@ enum Command {
         /// as `cuda:0,cuda:1` trains data-parallel, train.batch_size images per device.
         #[arg(long, visible_alias = "devices")]
         device: Option<String>,
+        #[command(flatten)]
+        nodes: NodeArgs,
+    },
+    /// Serve the rendezvous of a multi-node run: start it once, then `umae run ... --nodes N
+    /// --node-rank R --orchestrator HOST:PORT` on each node. Runs until Ctrl-C.
+    Orchestrator {
+        /// Port to listen on (all interfaces).
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
     },
     /// Validate a recipe and build its model: components, shapes and parameter counts.
     Check {
@@ -213,6 +259,10 @@ pub(crate) fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Plugins { kind } => plugins(kind.as_deref()),
+        Command::Orchestrator { port } => {
+            println!("orchestrator listening on port {port} (Ctrl-C to stop)");
+            umae_runtime::parallel::orchestrator(port).map_err(Failure::Run)
+        }
         Command::NewPlugin { name, kind, output } => scaffold::new_plugin(&name, &kind, output),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Analyze(cmd) => analyze::run(cmd),
@@ -272,6 +322,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             output,
             resume,
             device,
+            nodes,
         } => {
             let (r, run_dir, resume) = match resume {
                 Some(dir) => {
@@ -301,6 +352,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     run_dir: run_dir.clone(),
                     device,
                     parallel: devices,
+                    nodes: nodes.resolve().map_err(Failure::Input)?,
                     resume,
                 },
             )

@@ -10,6 +10,7 @@
 
 pub mod components;
 pub mod de;
+pub mod fast;
 pub mod geometry;
 pub mod mask;
 pub mod params;

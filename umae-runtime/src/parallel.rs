@@ -9,8 +9,11 @@
 //! all-reduce and every peer applies the same AdamW step, so the replicas stay identical. With
 //! the same global batch this is the single-device computation, up to summation order.
 //!
-//! Multi-node training uses the same calls: burn-collective's global mode joins the peers of
-//! several processes through its orchestrator (see docs/performance.md).
+//! Several machines ([`Nodes`]) use the same calls: burn-collective's global mode joins the
+//! peers of every node through an orchestrator process ([`orchestrator`]). Peers are numbered
+//! globally (node rank x devices per node + local index); every node's trainer draws the same
+//! global batch and masks from the same seed and keeps its own peers' rows, so the computation
+//! is the single-device one on any number of nodes. See docs/performance.md.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -199,8 +202,10 @@ enum Job {
     Register,
 }
 
-/// The replicas of a data-parallel run (peers 1..), driven by the trainer (peer 0).
+/// The replicas of a data-parallel run on this node (its peers after the first), driven by
+/// the trainer (this node's first peer).
 pub struct Replicas {
+    /// The trainer's peer: global rank and world.
     pub peer: Peer,
     jobs: Vec<Sender<Job>>,
     results: Vec<Receiver<Result<Vec<f32>, String>>>,
@@ -210,26 +215,130 @@ pub struct Replicas {
     healthy: std::cell::Cell<bool>,
 }
 
-/// The collective set-up for `world` devices on this machine.
-fn config(world: usize) -> CollectiveConfig {
-    CollectiveConfig::default()
-        .with_num_devices(world)
-        .with_local_all_reduce_strategy(AllReduceStrategy::Centralized)
+/// This process's place in a multi-node run (`umae run --nodes N --node-rank R ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nodes {
+    /// How many nodes (processes, usually machines) train together.
+    pub count: usize,
+    /// This node's index, 0..count. Every node runs the same devices per node.
+    pub rank: usize,
+    /// The orchestrator's address (`umae orchestrator --port P` runs it): `HOST:P`.
+    pub orchestrator: String,
+    /// Where the other nodes reach this one: `HOST:PORT`; this node serves its tensors on PORT.
+    pub address: String,
+}
+
+impl Nodes {
+    /// Check the fields; the addresses must be `HOST:PORT` (an optional `ws://` in front).
+    pub fn new(
+        count: usize,
+        rank: usize,
+        orchestrator: &str,
+        address: &str,
+    ) -> Result<Nodes, String> {
+        if count < 2 {
+            return Err(format!(
+                "--nodes {count}: a multi-node run needs at least 2 nodes (leave --nodes out for one machine)"
+            ));
+        }
+        if rank >= count {
+            return Err(format!(
+                "--node-rank {rank} is out of range for --nodes {count}: ranks are 0..{}",
+                count - 1
+            ));
+        }
+        let nodes = Nodes {
+            count,
+            rank,
+            orchestrator: orchestrator.to_string(),
+            address: address.to_string(),
+        };
+        port_of(orchestrator, "--orchestrator")?;
+        nodes.port()?;
+        Ok(nodes)
+    }
+
+    /// The port this node serves its tensors on (the port of `address`).
+    pub fn port(&self) -> Result<u16, String> {
+        port_of(&self.address, "--node-address")
+    }
+}
+
+fn port_of(address: &str, flag: &str) -> Result<u16, String> {
+    let rest = address.strip_prefix("ws://").unwrap_or(address);
+    let port = rest
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    match port {
+        Some((host, Ok(port))) if !host.is_empty() && port > 0 => Ok(port),
+        _ => Err(format!(
+            "{flag} `{address}` is not HOST:PORT (for example 10.0.0.1:3000)"
+        )),
+    }
+}
+
+/// Why `--nodes` is refused: burn-collective 0.21's global all-reduce (every strategy) reuses
+/// the same transfer ids in every call, so the second call between nodes waits forever
+/// (reproduced with two processes on one machine; upstream: tracel-ai/burn#4549). The
+/// wiring is complete and tested up to that point; `UMAE_EXPERIMENTAL_MULTI_NODE=1` lifts
+/// the refusal to check a fixed burn.
+pub const MULTI_NODE_BLOCKED: &str = "multi-node training is not available yet: burn-collective 0.21's global all-reduce hangs on its second call between nodes (tracel-ai/burn#4549). Train on one machine, with several devices if it has them (--device cuda:0,cuda:1,...)";
+
+/// Run burn-collective's orchestrator for multi-node training on `port` until the process is
+/// interrupted (Ctrl-C or SIGTERM). Every node of a run connects to it.
+pub fn orchestrator(port: u16) -> Result<(), String> {
+    if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", port)) {
+        return Err(format!("cannot listen on port {port}: {e}"));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the orchestrator's runtime: {e}"))?;
+    runtime.block_on(burn_collective::start_global_orchestrator(port));
+    Ok(())
+}
+
+/// The collective set-up for `local` devices on this machine, joined to the other nodes'
+/// through the orchestrator when there are several.
+fn config(local: usize, nodes: Option<&Nodes>) -> CollectiveConfig {
+    let config = CollectiveConfig::default()
+        .with_num_devices(local)
+        .with_local_all_reduce_strategy(AllReduceStrategy::Centralized);
+    match nodes {
+        None => config,
+        Some(n) => config
+            .with_num_nodes(n.count as u32)
+            .with_global_address(ws_url(&n.orchestrator).parse().expect("infallible"))
+            .with_node_address(ws_url(&n.address).parse().expect("infallible"))
+            .with_data_service_port(n.port().expect("checked by Nodes::new")),
+    }
+}
+
+/// `ws://HOST:PORT` for an address given as `HOST:PORT` or `ws://HOST:PORT`.
+fn ws_url(s: &str) -> String {
+    if s.starts_with("ws://") {
+        s.to_string()
+    } else {
+        format!("ws://{s}")
+    }
 }
 
 impl Replicas {
-    /// Start one replica per device of `devices[1..]`, each a copy of peer 0's state.
-    /// `devices[0]` is the trainer's.
+    /// Start one replica per device of `devices[1..]`, each a copy of the trainer's state
+    /// (`devices[0]` is the trainer's), and join the other nodes when there are several.
     pub fn start(
         recipe: &Recipe,
         devices: &[Device],
+        nodes: Option<&Nodes>,
         snapshot: Snapshot,
         train_set: Arc<dyn Dataset>,
         cache: Option<PathBuf>,
     ) -> Result<Replicas, String> {
-        let world = devices.len();
+        let local = devices.len();
+        let world = local * nodes.map_or(1, |n| n.count);
+        let first = local * nodes.map_or(0, |n| n.rank);
         collective::reset_collective::<Inner>();
-        let peer = Peer { rank: 0, world };
+        let peer = Peer { rank: first, world };
         let mut replicas = Replicas {
             peer,
             jobs: Vec::new(),
@@ -238,7 +347,8 @@ impl Replicas {
             healthy: std::cell::Cell::new(true),
         };
         let snapshot = Arc::new(snapshot);
-        for (rank, device) in devices.iter().enumerate().skip(1) {
+        for (i, device) in devices.iter().enumerate().skip(1) {
+            let rank = first + i;
             let (job_tx, job_rx) = channel::<Job>();
             let (res_tx, res_rx) = channel();
             let (recipe, device, snapshot, data, cache) = (
@@ -248,11 +358,21 @@ impl Replicas {
                 train_set.clone(),
                 cache.clone(),
             );
+            let nodes = nodes.cloned();
             let handle = std::thread::Builder::new()
                 .name(format!("umae-replica-{rank}"))
                 .spawn(move || {
                     let peer = Peer { rank, world };
-                    replica(peer, recipe, device, &snapshot, data, cache, job_rx, res_tx)
+                    let set_up = Setup {
+                        peer,
+                        local,
+                        nodes,
+                        recipe,
+                        device,
+                        data,
+                        cache,
+                    };
+                    replica(set_up, &snapshot, job_rx, res_tx)
                 })
                 .map_err(|e| format!("cannot start a replica thread: {e}"))?;
             replicas.jobs.push(job_tx);
@@ -267,8 +387,13 @@ impl Replicas {
             tx.send(Job::Register)
                 .map_err(|_| "a replica stopped before registering".to_string())?;
         }
-        collective::register::<Inner>(PeerId::from(0), devices[0].clone(), config(world))
-            .map_err(|e| collective_error("registering device 0", e))?;
+        // With several nodes this returns once every node has joined through the orchestrator.
+        collective::register::<Inner>(
+            PeerId::from(first),
+            devices[0].clone(),
+            config(local, nodes),
+        )
+        .map_err(|e| collective_error(&format!("registering device {first}"), e))?;
         for r in 0..replicas.results.len() {
             replicas.receive(r)?;
         }
@@ -278,16 +403,17 @@ impl Replicas {
     fn receive(&self, r: usize) -> Result<Vec<f32>, String> {
         let got = self.results[r]
             .recv()
-            .map_err(|_| format!("replica {} stopped", r + 1))
-            .and_then(|res| res.map_err(|e| format!("replica {}: {e}", r + 1)));
+            .map_err(|_| format!("replica {} stopped", self.peer.rank + r + 1))
+            .and_then(|res| res.map_err(|e| format!("replica {}: {e}", self.peer.rank + r + 1)));
         if got.is_err() {
             self.healthy.set(false);
         }
         got
     }
 
-    /// One micro-batch of `n` images split evenly over the peers: returns the step scalars of
-    /// the whole batch (losses averaged over the peers, probe hits summed).
+    /// One micro-batch of `n` images (the global batch) split evenly over all peers; this
+    /// node's peers train on their rows. Returns the step scalars of the whole batch (losses
+    /// averaged over the peers, probe hits summed).
     #[allow(clippy::too_many_arguments)]
     pub fn micro_batch(
         &self,
@@ -314,27 +440,17 @@ impl Replicas {
                 scale,
             }
         };
+        let first = self.peer.rank;
         for (r, tx) in self.jobs.iter().enumerate() {
-            tx.send(Job::Batch(shard(r + 1)))
-                .map_err(|_| format!("replica {} stopped", r + 1))?;
+            tx.send(Job::Batch(shard(first + r + 1)))
+                .map_err(|_| format!("replica {} stopped", first + r + 1))?;
         }
-        let own = local_batch(model, norm, opt, shard(0), device, &self.peer)?;
-        let mut all = vec![own];
+        // Every peer returns the scalars reduced over all peers.
+        let own = local_batch(model, norm, opt, shard(first), device, &self.peer)?;
         for r in 0..self.jobs.len() {
-            all.push(self.receive(r)?);
+            self.receive(r)?;
         }
-        let k = all[0].len();
-        Ok((0..k)
-            .map(|i| {
-                let sum: f32 = all.iter().map(|v| v[i]).sum();
-                // The last scalar counts correct probe predictions: a sum, not a mean.
-                if i + 1 == k {
-                    sum
-                } else {
-                    sum / world as f32
-                }
-            })
-            .collect())
+        Ok(own)
     }
 
     /// Average the gradients over the peers and apply the step on every replica.
@@ -347,7 +463,7 @@ impl Replicas {
     ) -> Result<(), String> {
         for (r, tx) in self.jobs.iter().enumerate() {
             tx.send(Job::Apply { lr, probe_lr })
-                .map_err(|_| format!("replica {} stopped", r + 1))?;
+                .map_err(|_| format!("replica {} stopped", self.peer.rank + r + 1))?;
         }
         reduce_and_step(&self.peer, model, opt, lr, probe_lr)?;
         for r in 0..self.jobs.len() {
@@ -365,7 +481,7 @@ impl Drop for Replicas {
                 let _ = h.join();
             }
         }
-        let _ = collective::finish_collective::<Inner>(PeerId::from(0));
+        let _ = collective::finish_collective::<Inner>(PeerId::from(self.peer.rank));
     }
 }
 
@@ -391,11 +507,19 @@ fn local_batch(
     for (prefix, m) in model.trainables() {
         opt.accumulate(prefix, m, &out.grads);
     }
-    out.scalars
+    // The whole batch's scalars: losses averaged over the peers, the last one (correct probe
+    // predictions) summed.
+    let sums = peer.all_reduce(out.scalars.inner(), ReduceOperation::Sum)?;
+    let mut vals = sums
         .into_data()
         .convert::<f32>()
-        .to_vec()
-        .map_err(|e| format!("{e:?}"))
+        .to_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
+    let k = vals.len();
+    for v in &mut vals[..k.saturating_sub(1)] {
+        *v /= peer.world as f32;
+    }
+    Ok(vals)
 }
 
 fn reduce_and_step(
@@ -410,17 +534,33 @@ fn reduce_and_step(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn replica(
+/// What a replica thread is built from.
+struct Setup {
     peer: Peer,
+    /// Devices on this node.
+    local: usize,
+    nodes: Option<Nodes>,
     recipe: Recipe,
     device: Device,
-    snapshot: &Snapshot,
     data: Arc<dyn Dataset>,
     cache: Option<PathBuf>,
+}
+
+fn replica(
+    setup: Setup,
+    snapshot: &Snapshot,
     jobs: Receiver<Job>,
     results: Sender<Result<Vec<f32>, String>>,
 ) {
+    let Setup {
+        peer,
+        local,
+        nodes,
+        recipe,
+        device,
+        data,
+        cache,
+    } = setup;
     let set_up = || -> Result<(Model, AdamW, Option<ProbeNorm>), String> {
         let (mut model, mut opt, mut norm) = training_parts(&recipe, &device)?;
         prepare_target(&mut model, &recipe, Some(data), cache.as_deref(), &device)?;
@@ -441,10 +581,13 @@ fn replica(
     if !matches!(jobs.recv(), Ok(Job::Register)) {
         return;
     }
-    let registered =
-        collective::register::<Inner>(PeerId::from(peer.rank), device.clone(), config(peer.world))
-            .map(|()| Vec::new())
-            .map_err(|e| collective_error(&format!("registering device {}", peer.rank), e));
+    let registered = collective::register::<Inner>(
+        PeerId::from(peer.rank),
+        device.clone(),
+        config(local, nodes.as_ref()),
+    )
+    .map(|()| Vec::new())
+    .map_err(|e| collective_error(&format!("registering device {}", peer.rank), e));
     let failed = registered.is_err();
     if results.send(registered).is_err() || failed {
         return;
@@ -478,8 +621,12 @@ mod tests {
             .map(|rank| {
                 std::thread::spawn(move || {
                     let device = Device::Flex(Default::default());
-                    collective::register::<Inner>(PeerId::from(rank), device.clone(), config(2))
-                        .unwrap();
+                    collective::register::<Inner>(
+                        PeerId::from(rank),
+                        device.clone(),
+                        config(2, None),
+                    )
+                    .unwrap();
                     let peer = Peer { rank, world: 2 };
                     let local = Tensor::<B, 2>::from_data(
                         TensorData::new(vec![rank as f32 + 1.0; 4], [2, 2]),

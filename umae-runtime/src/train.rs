@@ -28,6 +28,8 @@ pub struct RunOptions {
     /// Further devices for data parallelism (`--device cuda:0,cuda:1` gives `cuda:1` here):
     /// each trains a replica on its share of every batch. Empty: one device.
     pub parallel: Vec<Device>,
+    /// Train together with other processes (usually machines), each with the same devices.
+    pub nodes: Option<crate::parallel::Nodes>,
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
 }
@@ -346,7 +348,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
 
     // Data parallel: `train.batch_size` images per device, one global batch drawn per
     // micro-step and split between the devices.
-    let world = 1 + opts.parallel.len();
+    let local = 1 + opts.parallel.len();
+    let world = local * opts.nodes.as_ref().map_or(1, |n| n.count);
     let batch = recipe.train.batch_size * world;
     let accum = recipe.train.accum_steps;
     let micro_per_epoch = train_set.len() / batch;
@@ -365,6 +368,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         Some(crate::parallel::Replicas::start(
             recipe,
             &devices,
+            opts.nodes.as_ref(),
             snapshot,
             train_set.clone(),
             Some(run_dir.to_path_buf()),
@@ -384,8 +388,18 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         steps: state.step,
         ..Default::default()
     };
+    let across = opts
+        .nodes
+        .as_ref()
+        .map(|n| {
+            format!(
+                " ({local} on each of {} nodes; this is node {})",
+                n.count, n.rank
+            )
+        })
+        .unwrap_or_default();
     tracing::info!(
-        "training {} for {epochs} epochs on {world} device(s), {steps_per_epoch} steps/epoch, effective batch {}, peak lr {peak:.3e}",
+        "training {} for {epochs} epochs on {world} device(s){across}, {steps_per_epoch} steps/epoch, effective batch {}, peak lr {peak:.3e}",
         recipe.name, batch * accum
     );
 

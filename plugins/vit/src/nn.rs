@@ -7,9 +7,9 @@ use umae_api::burn;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use umae_api::burn::prelude::Backend;
-use umae_api::burn::tensor::activation::{gelu, softmax};
+use umae_api::burn::tensor::activation::softmax;
 use umae_api::burn::tensor::{Distribution, Tensor};
-use umae_api::{precision, Device, B};
+use umae_api::{fast, precision, Device, B};
 
 /// Linear layer with MAE's initialisation: Xavier-uniform weight, zero bias.
 pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear<B> {
@@ -65,29 +65,28 @@ impl Attention<B> {
         let [b, t, d] = x.dims();
         let h = self.heads;
         let hd = d / h;
-        let qkv = dense(&self.qkv, x.reshape([b * t, d]))
-            .reshape([b, t, 3, h, hd])
-            .permute([2, 0, 3, 1, 4]);
-        let mut parts = qkv
-            .chunk(3, 0)
-            .into_iter()
-            .map(|p| p.reshape([b, h, t, hd]));
-        let (q, k, v) = (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        );
+        // q, k and v stay strided views of the qkv output ([B, T, 3, H, hd] read as
+        // [B, H, T, hd]): the batched matmul takes strides, so no copy is made here.
+        let qkv = dense(&self.qkv, x.reshape([b * t, d])).reshape([b, t, 3, h, hd]);
+        let part = |i: usize| {
+            qkv.clone()
+                .narrow(2, i, 1)
+                .squeeze_dim::<4>(2)
+                .swap_dims(1, 2)
+        };
+        let (q, k, v) = (part(0), part(1), part(2));
         let scale = (hd as f64).powf(-0.5);
-        // Scores and the weighted sum in the compute precision, the softmax in f32.
-        let attn = softmax(precision::matmul(q.mul_scalar(scale), k.swap_dims(2, 3)), 3);
-        let out = precision::matmul(attn, v)
+        // Scores and the weighted sum in the compute precision, the softmax in f32; the scale
+        // goes on the [T, T] scores, smaller than q when T < hd.
+        let scores = precision::matmul(q, k.swap_dims(2, 3)).mul_scalar(scale);
+        let out = precision::matmul(softmax(scores, 3), v)
             .swap_dims(1, 2)
             .reshape([b * t, d]);
         dense(&self.proj, out).reshape([b, t, d])
     }
 }
 
-/// Two-layer MLP with exact GELU.
+/// Two-layer MLP with exact GELU ([`umae_api::fast::gelu`]).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     pub fc1: Linear<B>,
@@ -97,7 +96,7 @@ pub struct Mlp<B: Backend> {
 impl Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let y = gelu(dense(&self.fc1, x.reshape([b * t, d])));
+        let y = fast::gelu(dense(&self.fc1, x.reshape([b * t, d])));
         dense(&self.fc2, y).reshape([b, t, d])
     }
 }
