@@ -199,6 +199,8 @@ pub struct TrainSpec {
     pub log_every: usize,
     /// Write a checkpoint every N epochs (and always at the end).
     pub checkpoint_every: usize,
+    /// Keep only the newest K checkpoints of the run (0: keep all, as MAE does).
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainSpec {
@@ -209,6 +211,7 @@ impl Default for TrainSpec {
             accum_steps: 1,
             log_every: 20,
             checkpoint_every: 1,
+            keep_checkpoints: 0,
         }
     }
 }

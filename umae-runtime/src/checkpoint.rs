@@ -1,10 +1,13 @@
 //! Checkpoints: weights and optimizer moments as safetensors, training position and RNG state
-//! as JSON. Each checkpoint is written to a temporary folder and renamed into place, and the
-//! `latest` pointer is replaced atomically, so an interrupted write never damages the last
-//! good checkpoint.
+//! as JSON, the recipe they were trained with, and a manifest with every file's size and
+//! CRC-32. Each checkpoint is written to a temporary folder, synced to disk and renamed into
+//! place, and the `latest` pointer is replaced the same way, so an interrupted write (a crash,
+//! SIGKILL, a full disk) never damages the last good checkpoint; a damaged one is found by
+//! [`verify`] before anything is loaded from it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -83,7 +86,60 @@ pub fn misfit(source: &Path, what: &str, problems: &[String]) -> Result<(), Stri
     ))
 }
 
-/// Write `dir` atomically: fill `dir.tmp`, then rename.
+/// The file of a checkpoint that lists its other files.
+pub const MANIFEST: &str = "manifest.json";
+
+/// A checkpoint's table of contents, written last.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    umae_version: String,
+    files: BTreeMap<String, FileSum>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct FileSum {
+    bytes: u64,
+    crc32: u32,
+}
+
+fn file_sum(path: &Path) -> Result<FileSum, String> {
+    let mut f = fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileSum {
+        bytes,
+        crc32: hasher.finalize(),
+    })
+}
+
+/// Flush a file or a directory (its entries) to the disk.
+fn sync(path: &Path) -> Result<(), String> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("cannot sync {} to disk: {e}", path.display()))
+}
+
+fn sync_parent(path: &Path) -> Result<(), String> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync(p),
+        _ => sync(Path::new(".")),
+    }
+}
+
+/// Write checkpoint folder `dir` atomically: `fill` writes its files into `dir.tmp`; then the
+/// manifest (sizes and CRC-32 of every file) is added, everything is synced to disk, and the
+/// folder is renamed into place.
 pub fn write_dir_atomic(
     dir: &Path,
     fill: impl FnOnce(&Path) -> Result<(), String>,
@@ -94,17 +150,119 @@ pub fn write_dir_atomic(
     }
     fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     fill(&tmp)?;
+    let mut files = BTreeMap::new();
+    for entry in fs::read_dir(&tmp).map_err(|e| format!("cannot list {}: {e}", tmp.display()))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        sync(&path)?;
+        files.insert(name, file_sum(&path)?);
+    }
+    let manifest = Manifest {
+        umae_version: env!("CARGO_PKG_VERSION").into(),
+        files,
+    };
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
+    let path = tmp.join(MANIFEST);
+    fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    sync(&path)?;
+    sync(&tmp)?;
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(|e| format!("cannot replace {}: {e}", dir.display()))?;
     }
-    fs::rename(&tmp, dir).map_err(|e| format!("cannot move {} into place: {e}", dir.display()))
+    fs::rename(&tmp, dir)
+        .map_err(|e| format!("cannot move {} into place: {e}", dir.display()))?;
+    sync_parent(dir)
 }
 
-/// Replace a small text file atomically.
+/// Check a checkpoint folder against its manifest: every file present, of the recorded size
+/// and CRC-32. The error names the file and what is wrong with it.
+pub fn verify(dir: &Path) -> Result<(), String> {
+    let path = dir.join(MANIFEST);
+    let text = fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "checkpoint {} is incomplete or damaged: cannot read its {MANIFEST} ({e})",
+            dir.display()
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| format!("checkpoint {} is damaged: {MANIFEST}: {e}", dir.display()))?;
+    for (name, want) in &manifest.files {
+        let file = dir.join(name);
+        let got = file_sum(&file).map_err(|e| {
+            format!("checkpoint {} is damaged: {e}", dir.display())
+        })?;
+        if got.bytes != want.bytes {
+            return Err(format!(
+                "checkpoint {} is damaged: {name} has {} bytes, {} were written (truncated or overwritten)",
+                dir.display(), got.bytes, want.bytes
+            ));
+        }
+        if got.crc32 != want.crc32 {
+            return Err(format!(
+                "checkpoint {} is damaged: {name} does not match its checksum (CRC-32 {:08x}, written {:08x})",
+                dir.display(), got.crc32, want.crc32
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Delete the oldest checkpoints of `run_dir` so that the newest `keep` remain (0: keep all).
+/// The one `latest` points to is never deleted. A folder is renamed away before it is removed,
+/// so an interrupted deletion never leaves a half checkpoint under a checkpoint's name.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<(), String> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let all = list(run_dir);
+    let current = latest_name(run_dir);
+    for dir in all.iter().take(all.len().saturating_sub(keep)) {
+        if dir.file_name().and_then(|n| n.to_str()) == current.as_deref() {
+            continue;
+        }
+        let doomed = dir.with_extension("deleting");
+        fs::rename(dir, &doomed)
+            .and_then(|()| fs::remove_dir_all(&doomed))
+            .map_err(|e| format!("cannot delete old checkpoint {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint folders of a run directory (`epoch-NNNN`), oldest first, without checking
+/// their contents.
+pub fn list(run_dir: &Path) -> Vec<PathBuf> {
+    let dir = run_dir.join("checkpoints");
+    let mut out: Vec<PathBuf> = match fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix("epoch-"))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort();
+    out
+}
+
+fn latest_name(run_dir: &Path) -> Option<String> {
+    fs::read_to_string(run_dir.join("checkpoints").join("latest"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Replace a small text file atomically (written, synced, renamed).
 pub fn write_file_atomic(path: &Path, text: &str) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    fs::rename(&tmp, path).map_err(|e| format!("cannot move {} into place: {e}", path.display()))
+    sync(&tmp)?;
+    fs::rename(&tmp, path)
+        .map_err(|e| format!("cannot move {} into place: {e}", path.display()))?;
+    sync_parent(path)
 }
 
 /// The newest complete checkpoint of a run directory, if any.
@@ -130,4 +288,71 @@ pub fn read_state(dir: &Path) -> Result<State, String> {
     let p = dir.join("state.json");
     let text = fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{} is damaged: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(run: &Path, name: &str) -> PathBuf {
+        let dir = run.join("checkpoints").join(name);
+        write_dir_atomic(&dir, |tmp| {
+            fs::write(tmp.join("state.json"), name).map_err(|e| e.to_string())?;
+            fs::write(tmp.join("model.safetensors"), vec![7u8; 3000]).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        write_file_atomic(&run.join("checkpoints").join("latest"), name).unwrap();
+        dir
+    }
+
+    #[test]
+    fn verify_finds_truncation_corruption_and_missing_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = checkpoint(tmp.path(), "epoch-0001");
+        assert!(!tmp.path().join("checkpoints/epoch-0001.tmp").exists());
+        verify(&dir).unwrap();
+        let model = dir.join("model.safetensors");
+        fs::write(&model, vec![7u8; 2999]).unwrap();
+        let e = verify(&dir).unwrap_err();
+        assert!(e.contains("model.safetensors has 2999 bytes, 3000 were written"), "{e}");
+        let mut bytes = vec![7u8; 3000];
+        bytes[1500] = 8;
+        fs::write(&model, bytes).unwrap();
+        let e = verify(&dir).unwrap_err();
+        assert!(e.contains("does not match its checksum"), "{e}");
+        fs::remove_file(&model).unwrap();
+        let e = verify(&dir).unwrap_err();
+        assert!(e.contains("cannot read") && e.contains("model.safetensors"), "{e}");
+        fs::remove_file(dir.join(MANIFEST)).unwrap();
+        let e = verify(&dir).unwrap_err();
+        assert!(e.contains("incomplete or damaged"), "{e}");
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_the_latest() {
+        let tmp = tempfile::tempdir().unwrap();
+        for e in 1..=5 {
+            checkpoint(tmp.path(), &format!("epoch-{e:04}"));
+        }
+        // Leftovers of interrupted writes and deletions are not checkpoints.
+        fs::create_dir_all(tmp.path().join("checkpoints/epoch-0006.tmp")).unwrap();
+        fs::create_dir_all(tmp.path().join("checkpoints/epoch-0000.deleting")).unwrap();
+        let names = |run: &Path| -> Vec<String> {
+            list(run)
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(tmp.path()).len(), 5);
+        prune(tmp.path(), 0).unwrap();
+        assert_eq!(names(tmp.path()).len(), 5, "0 keeps all");
+        prune(tmp.path(), 2).unwrap();
+        assert_eq!(names(tmp.path()), ["epoch-0004", "epoch-0005"]);
+        // `latest` pointing at an older checkpoint (a resume fell back to it) keeps it.
+        write_file_atomic(&tmp.path().join("checkpoints/latest"), "epoch-0004").unwrap();
+        checkpoint(tmp.path(), "epoch-0006");
+        write_file_atomic(&tmp.path().join("checkpoints/latest"), "epoch-0004").unwrap();
+        prune(tmp.path(), 1).unwrap();
+        assert_eq!(names(tmp.path()), ["epoch-0004", "epoch-0006"]);
+    }
 }

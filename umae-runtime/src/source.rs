@@ -2,7 +2,6 @@
 //! checkpoint), a checkpoint directory, or a recipe (freshly initialised weights, e.g. the
 //! parameter-free `identity` encoder on raw pixels or a random-init baseline).
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use umae_api::recipe::Recipe;
@@ -50,23 +49,12 @@ impl Loaded {
     }
 }
 
-/// The checkpoints of a run directory, oldest first.
+/// The complete checkpoints of a run directory, oldest first.
 pub fn checkpoints(run_dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let dir = run_dir.join("checkpoints");
-    let mut out: Vec<PathBuf> = match fs::read_dir(&dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir() && p.join("state.json").exists())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("epoch-") && !n.ends_with(".tmp"))
-            })
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    out.sort();
-    Ok(out)
+    Ok(checkpoint::list(run_dir)
+        .into_iter()
+        .filter(|p| p.join("state.json").exists())
+        .collect())
 }
 
 /// Resolve `source` (+ an optional checkpoint name for run directories) to a recipe and the
@@ -164,6 +152,7 @@ pub fn load_resolved(
     let mut model = Model::build(&recipe, device).map_err(|e| LoadError::Input(e.to_string()))?;
     let mut step = 0;
     if let Some(dir) = &ckpt {
+        checkpoint::verify(dir).map_err(LoadError::Input)?;
         let file = dir.join("model.safetensors");
         let weights = checkpoint::read_safetensors(&file).map_err(LoadError::Input)?;
         checkpoint::load_params(

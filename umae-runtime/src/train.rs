@@ -185,9 +185,12 @@ fn evaluate_probe(
     Ok(correct / total.max(1) as f64)
 }
 
-/// Write checkpoint `epoch-NNNN` of `state.epoch` atomically and point `latest` at it.
+/// Write checkpoint `epoch-NNNN` of `state.epoch` atomically (with the recipe and a manifest
+/// of checksums), point `latest` at it, and delete the checkpoints beyond
+/// `train.keep_checkpoints`.
 pub fn save_checkpoint(
     run_dir: &Path,
+    recipe: &Recipe,
     model: &Model,
     norm: &Option<ProbeNorm>,
     opt: &AdamW,
@@ -219,10 +222,13 @@ pub fn save_checkpoint(
             moments.insert(format!("v.{k}"), HostTensor::from_inner(t.clone(), &[n]));
         }
         checkpoint::write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+        fs::write(tmp.join("recipe.ron"), recipe.tree.to_ron())
+            .map_err(|e| format!("cannot write recipe.ron: {e}"))?;
         let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
         fs::write(tmp.join("state.json"), text).map_err(|e| format!("cannot write state.json: {e}"))
     })?;
-    checkpoint::write_file_atomic(&run_dir.join("checkpoints").join("latest"), &name)
+    checkpoint::write_file_atomic(&run_dir.join("checkpoints").join("latest"), &name)?;
+    checkpoint::prune(run_dir, recipe.train.keep_checkpoints)
 }
 
 fn load_checkpoint(
@@ -271,7 +277,7 @@ pub fn initial_state(recipe: &Recipe) -> State {
 /// Start a run directory whose first checkpoint (`epoch-0000`) holds `model` as it is now, e.g.
 /// an imported encoder. Evaluations read it; `umae run --resume` continues pretraining from it.
 pub fn start_run_from(recipe: &Recipe, model: &Model, run_dir: &Path) -> Result<(), String> {
-    if checkpoint::latest(run_dir)?.is_some() || run_dir.join("metrics.jsonl").exists() {
+    if !checkpoint::list(run_dir).is_empty() || run_dir.join("metrics.jsonl").exists() {
         return Err(format!(
             "{} already holds a run: choose another output folder",
             run_dir.display()
@@ -281,15 +287,15 @@ pub fn start_run_from(recipe: &Recipe, model: &Model, run_dir: &Path) -> Result<
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
     checkpoint::write_file_atomic(&run_dir.join("recipe.ron"), &recipe.tree.to_ron())?;
     let opt = AdamW::new(recipe.optimizer.clone());
-    save_checkpoint(run_dir, model, &None, &opt, &initial_state(recipe))
+    save_checkpoint(run_dir, recipe, model, &None, &opt, &initial_state(recipe))
 }
 
 /// Train a recipe into a run directory.
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     let device = &opts.device;
     let run_dir = &opts.run_dir;
-    let existing = checkpoint::latest(run_dir)?;
-    if !opts.resume && (existing.is_some() || run_dir.join("metrics.jsonl").exists()) {
+    let existing = checkpoint::list(run_dir);
+    if !opts.resume && (!existing.is_empty() || run_dir.join("metrics.jsonl").exists()) {
         return Err(format!(
             "{} already holds a run: continue it with `umae run --resume {}` or choose another --output",
             run_dir.display(),
@@ -326,24 +332,46 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
 
     let mut state = initial_state(recipe);
     if opts.resume {
-        match &existing {
-            Some(dir) => {
-                state = load_checkpoint(dir, &mut model, &mut norm, &mut opt, device)?;
-                metrics.truncate_after(state.step)?;
-                tracing::info!(
-                    "resuming {} after epoch {} (step {})",
-                    run_dir.display(),
-                    state.epoch,
-                    state.step
-                );
-            }
-            None => {
-                return Err(format!(
-                    "{} has no checkpoint to resume from: start it with `umae run` instead",
-                    run_dir.display()
-                ));
+        if existing.is_empty() {
+            return Err(format!(
+                "{} has no checkpoint to resume from: start it with `umae run` instead",
+                run_dir.display()
+            ));
+        }
+        // The newest checkpoint that verifies and loads; a damaged one is reported and the
+        // one before it is tried.
+        let mut problems = Vec::new();
+        let mut resumed = None;
+        for dir in existing.iter().rev() {
+            let loaded = checkpoint::verify(dir)
+                .and_then(|()| load_checkpoint(dir, &mut model, &mut norm, &mut opt, device));
+            match loaded {
+                Ok(s) => {
+                    resumed = Some((dir, s));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: trying the checkpoint before it");
+                    problems.push(e);
+                }
             }
         }
+        let Some((dir, loaded)) = resumed else {
+            return Err(format!(
+                "no checkpoint of {} can be loaded: {}",
+                run_dir.display(),
+                problems.join("; ")
+            ));
+        };
+        state = loaded;
+        metrics.truncate_after(state.step)?;
+        tracing::info!(
+            "resuming {} from {} (after epoch {}, step {})",
+            run_dir.display(),
+            dir.file_name().unwrap_or_default().to_string_lossy(),
+            state.epoch,
+            state.step
+        );
     }
 
     // Data parallel: `train.batch_size` images per device, one global batch drawn per
@@ -574,7 +602,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             || state.epoch == epochs
             || offline
         {
-            save_checkpoint(run_dir, &model, &norm, &opt, &state)?;
+            save_checkpoint(run_dir, recipe, &model, &norm, &opt, &state)?;
         }
         if offline {
             let name = format!("epoch-{:04}", state.epoch);

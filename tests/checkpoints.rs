@@ -1,0 +1,118 @@
+//! Checkpoint integrity through the real binary: every checkpoint carries its recipe and a
+//! manifest of checksums, only the newest `train.keep_checkpoints` are kept, a damaged
+//! checkpoint is refused with the reason, and `--resume` falls back to the one before it.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn tiny(epochs: usize) -> Vec<String> {
+    [
+        "data.format=Synthetic".to_string(),
+        "data.synthetic_size=128".into(),
+        "data.eval_limit=Some(32)".into(),
+        "train.batch_size=32".into(),
+        format!("train.epochs={epochs}"),
+        "train.keep_checkpoints=2".into(),
+        "encoder.params.depth=Some(1)".into(),
+        "encoder.params.dim=Some(32)".into(),
+        "eval=(online_probe: false, erank_samples: 0, linear: None, knn: None)".into(),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
+
+fn train(out: &Path, epochs: usize) -> std::process::Output {
+    let mut args: Vec<String> = ["run", "recipes/mae-fmnist.ron", "--output"]
+        .map(String::from)
+        .to_vec();
+    args.push(out.to_str().unwrap().into());
+    args.extend(tiny(epochs));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&args)
+}
+
+fn epoch_losses(dir: &Path) -> Vec<f64> {
+    metrics_rows(dir)
+        .iter()
+        .filter(|r| r["kind"] == "epoch")
+        .map(|r| r["target.pixels"].as_f64().unwrap())
+        .collect()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let o = train(&run_dir, 3);
+    assert!(o.status.success(), "{}", text(&o));
+    // Only the newest two checkpoints are kept, each with its recipe and manifest.
+    assert_eq!(names(&run_dir), ["epoch-0002", "epoch-0003", "latest"]);
+    for c in ["epoch-0002", "epoch-0003"] {
+        let dir = run_dir.join("checkpoints").join(c);
+        for f in ["manifest.json", "recipe.ron", "state.json", "model.safetensors"] {
+            assert!(dir.join(f).is_file(), "{c}/{f}");
+        }
+    }
+    let straight = epoch_losses(&run_dir);
+    assert_eq!(straight.len(), 3);
+
+    // Truncate the newest checkpoint's weights.
+    let model = run_dir.join("checkpoints/epoch-0003/model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let out = tmp.path().join("encoder.safetensors");
+    let o = run(&[
+        "export",
+        run_dir.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("epoch-0003 is damaged: model.safetensors has"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists());
+
+    // Resuming uses epoch 2 and trains epoch 3 again, to the same loss.
+    let o = run(&["run", "--resume", run_dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("trying the checkpoint before it")
+            && text(&o).contains("from epoch-0002"),
+        "{}",
+        text(&o)
+    );
+    let resumed = epoch_losses(&run_dir);
+    assert_eq!(resumed.len(), 3, "metrics of epoch 3 replaced, not repeated");
+    assert!((resumed[2] - straight[2]).abs() <= 1e-6 * straight[2].abs());
+
+    // A flipped byte is found by the checksum; with no good checkpoint left, resume refuses.
+    for c in ["epoch-0002", "epoch-0003"] {
+        let f = run_dir.join("checkpoints").join(c).join("optimizer.safetensors");
+        let mut bytes = std::fs::read(&f).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&f, bytes).unwrap();
+    }
+    let o = run(&["run", "--resume", run_dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("no checkpoint of")
+            && text(&o).contains("optimizer.safetensors does not match its checksum"),
+        "{}",
+        text(&o)
+    );
+}
