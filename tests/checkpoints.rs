@@ -60,7 +60,12 @@ fn damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous_one() {
     assert_eq!(names(&run_dir), ["epoch-0002", "epoch-0003", "latest"]);
     for c in ["epoch-0002", "epoch-0003"] {
         let dir = run_dir.join("checkpoints").join(c);
-        for f in ["manifest.json", "recipe.ron", "state.json", "model.safetensors"] {
+        for f in [
+            "manifest.json",
+            "recipe.ron",
+            "state.json",
+            "model.safetensors",
+        ] {
             assert!(dir.join(f).is_file(), "{c}/{f}");
         }
     }
@@ -96,12 +101,19 @@ fn damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous_one() {
         text(&o)
     );
     let resumed = epoch_losses(&run_dir);
-    assert_eq!(resumed.len(), 3, "metrics of epoch 3 replaced, not repeated");
+    assert_eq!(
+        resumed.len(),
+        3,
+        "metrics of epoch 3 replaced, not repeated"
+    );
     assert!((resumed[2] - straight[2]).abs() <= 1e-6 * straight[2].abs());
 
     // A flipped byte is found by the checksum; with no good checkpoint left, resume refuses.
     for c in ["epoch-0002", "epoch-0003"] {
-        let f = run_dir.join("checkpoints").join(c).join("optimizer.safetensors");
+        let f = run_dir
+            .join("checkpoints")
+            .join(c)
+            .join("optimizer.safetensors");
         let mut bytes = std::fs::read(&f).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x55;

@@ -237,6 +237,10 @@ pub fn main() -> ExitCode {
             eprintln!("error: {m}");
             ExitCode::from(1)
         }
+        Err(Failure::Interrupted(m)) => {
+            eprintln!("{m}");
+            ExitCode::from(130)
+        }
     }
 }
 
@@ -245,6 +249,8 @@ pub(crate) enum Failure {
     Input(String),
     /// Failed while working.
     Run(String),
+    /// Stopped by SIGINT or SIGTERM after saving its work.
+    Interrupted(String),
 }
 
 fn load(path: &Path, sets: &[String]) -> Result<Recipe, Failure> {
@@ -357,6 +363,13 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 },
             )
             .map_err(Failure::Run)?;
+            if let Some(name) = &summary.interrupted {
+                return Err(Failure::Interrupted(format!(
+                    "stopped after step {}: checkpoint {name} written; continue with `umae run --resume {}`",
+                    summary.steps,
+                    run_dir.display()
+                )));
+            }
             println!(
                 "done: {} epochs, {} steps, final target loss {:.4}{}{}{} -> {}",
                 summary.epochs,

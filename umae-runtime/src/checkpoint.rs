@@ -26,6 +26,27 @@ pub struct State {
     /// The masking RNG.
     pub rng: Rng,
     pub umae_version: String,
+    /// Optimizer steps already taken in epoch `epoch + 1` (a checkpoint written when the run
+    /// was stopped mid-epoch); 0 at an epoch's end.
+    #[serde(default)]
+    pub epoch_step: usize,
+    /// That epoch's running metric sums and images seen, to complete its metrics row.
+    #[serde(default)]
+    pub epoch_sums: Vec<f64>,
+    #[serde(default)]
+    pub epoch_seen: usize,
+}
+
+impl State {
+    /// The checkpoint folder name: `epoch-NNNN` at an epoch's end, `epoch-NNNN-step-SSSSSSSS`
+    /// within the next epoch (sorting after `epoch-NNNN` and before `epoch-NNNN+1`).
+    pub fn checkpoint_name(&self) -> String {
+        if self.epoch_step == 0 {
+            format!("epoch-{:04}", self.epoch)
+        } else {
+            format!("epoch-{:04}-step-{:08}", self.epoch, self.step)
+        }
+    }
 }
 
 /// Every parameter of the components, keyed `prefix.path`.
@@ -169,8 +190,7 @@ pub fn write_dir_atomic(
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(|e| format!("cannot replace {}: {e}", dir.display()))?;
     }
-    fs::rename(&tmp, dir)
-        .map_err(|e| format!("cannot move {} into place: {e}", dir.display()))?;
+    fs::rename(&tmp, dir).map_err(|e| format!("cannot move {} into place: {e}", dir.display()))?;
     sync_parent(dir)
 }
 
@@ -188,9 +208,8 @@ pub fn verify(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("checkpoint {} is damaged: {MANIFEST}: {e}", dir.display()))?;
     for (name, want) in &manifest.files {
         let file = dir.join(name);
-        let got = file_sum(&file).map_err(|e| {
-            format!("checkpoint {} is damaged: {e}", dir.display())
-        })?;
+        let got =
+            file_sum(&file).map_err(|e| format!("checkpoint {} is damaged: {e}", dir.display()))?;
         if got.bytes != want.bytes {
             return Err(format!(
                 "checkpoint {} is damaged: {name} has {} bytes, {} were written (truncated or overwritten)",
@@ -239,14 +258,25 @@ pub fn list(run_dir: &Path) -> Vec<PathBuf> {
             .filter(|p| {
                 p.file_name()
                     .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_prefix("epoch-"))
-                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                    .is_some_and(is_checkpoint_name)
             })
             .collect(),
         Err(_) => Vec::new(),
     };
     out.sort();
     out
+}
+
+/// `epoch-NNNN` or `epoch-NNNN-step-SSSSSSSS`.
+fn is_checkpoint_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match name.strip_prefix("epoch-") {
+        Some(rest) => match rest.split_once("-step-") {
+            Some((e, s)) => digits(e) && digits(s),
+            None => digits(rest),
+        },
+        None => false,
+    }
 }
 
 fn latest_name(run_dir: &Path) -> Option<String> {
@@ -314,7 +344,10 @@ mod tests {
         let model = dir.join("model.safetensors");
         fs::write(&model, vec![7u8; 2999]).unwrap();
         let e = verify(&dir).unwrap_err();
-        assert!(e.contains("model.safetensors has 2999 bytes, 3000 were written"), "{e}");
+        assert!(
+            e.contains("model.safetensors has 2999 bytes, 3000 were written"),
+            "{e}"
+        );
         let mut bytes = vec![7u8; 3000];
         bytes[1500] = 8;
         fs::write(&model, bytes).unwrap();
@@ -322,7 +355,10 @@ mod tests {
         assert!(e.contains("does not match its checksum"), "{e}");
         fs::remove_file(&model).unwrap();
         let e = verify(&dir).unwrap_err();
-        assert!(e.contains("cannot read") && e.contains("model.safetensors"), "{e}");
+        assert!(
+            e.contains("cannot read") && e.contains("model.safetensors"),
+            "{e}"
+        );
         fs::remove_file(dir.join(MANIFEST)).unwrap();
         let e = verify(&dir).unwrap_err();
         assert!(e.contains("incomplete or damaged"), "{e}");
@@ -337,6 +373,7 @@ mod tests {
         // Leftovers of interrupted writes and deletions are not checkpoints.
         fs::create_dir_all(tmp.path().join("checkpoints/epoch-0006.tmp")).unwrap();
         fs::create_dir_all(tmp.path().join("checkpoints/epoch-0000.deleting")).unwrap();
+        fs::create_dir_all(tmp.path().join("checkpoints/epoch-0001-step-x")).unwrap();
         let names = |run: &Path| -> Vec<String> {
             list(run)
                 .iter()

@@ -3,6 +3,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,6 +48,8 @@ pub struct Summary {
     pub knn: Option<f64>,
     /// Fine-tuning top-1 after the last epoch, when `eval.finetune` is set.
     pub finetune: Option<f64>,
+    /// Stopped by SIGINT or SIGTERM, after a checkpoint of the last step.
+    pub interrupted: Option<String>,
 }
 
 /// The recipe's offline evaluations (`eval.linear`, `eval.knn`) on a checkpoint of the run,
@@ -196,7 +199,7 @@ pub fn save_checkpoint(
     opt: &AdamW,
     state: &State,
 ) -> Result<(), String> {
-    let name = format!("epoch-{:04}", state.epoch);
+    let name = state.checkpoint_name();
     let dir = run_dir.join("checkpoints").join(&name);
     checkpoint::write_dir_atomic(&dir, |tmp| {
         let mut weights = checkpoint::collect_params(&model.trainables());
@@ -271,6 +274,9 @@ pub fn initial_state(recipe: &Recipe) -> State {
         step: 0,
         rng: Rng::derive(recipe.seed, &[0x4D41_534B]),
         umae_version: env!("CARGO_PKG_VERSION").into(),
+        epoch_step: 0,
+        epoch_sums: Vec::new(),
+        epoch_seen: 0,
     }
 }
 
@@ -331,13 +337,19 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     };
 
     let mut state = initial_state(recipe);
-    if opts.resume {
-        if existing.is_empty() {
+    if opts.resume && existing.is_empty() {
+        if !run_dir.join("recipe.ron").exists() {
             return Err(format!(
                 "{} has no checkpoint to resume from: start it with `umae run` instead",
                 run_dir.display()
             ));
         }
+        tracing::warn!(
+            "{} has no checkpoint yet (stopped before the first one): starting it from the beginning",
+            run_dir.display()
+        );
+        metrics.truncate_after(0)?;
+    } else if opts.resume {
         // The newest checkpoint that verifies and loads; a damaged one is reported and the
         // one before it is tried.
         let mut problems = Vec::new();
@@ -431,10 +443,16 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         recipe.name, batch * accum
     );
 
+    // Ctrl-C or SIGTERM: finish the current step, write a checkpoint, stop. A second Ctrl-C
+    // stops at once.
+    let stop = interrupt_flag()?;
     for epoch in state.epoch..epochs {
         let t0 = Instant::now();
+        // A checkpoint written mid-epoch continues that epoch where it stopped: the same order
+        // and augmentations (drawn per epoch and image), minus the batches already trained.
+        let first = std::mem::take(&mut state.epoch_step).min(steps_per_epoch);
         let order = Rng::derive(recipe.seed, &[epoch as u64, 0xDA7A]).permutation(train_set.len());
-        let order = order[..steps_per_epoch * accum * batch].to_vec();
+        let order = order[first * accum * batch..steps_per_epoch * accum * batch].to_vec();
         let mut loader = Loader::start(
             &train_pipe,
             order,
@@ -447,11 +465,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             steps_per_epoch as u64,
             &format!("epoch {}/{epochs}", epoch + 1),
         );
-        let mut sums = vec![0.0f64; names.len()];
-        let mut seen = 0usize;
+        if let Some(bar) = &bar {
+            bar.set_position(first as u64);
+        }
+        let mut sums = std::mem::take(&mut state.epoch_sums);
+        sums.resize(names.len(), 0.0);
+        let mut seen = std::mem::take(&mut state.epoch_seen);
         let mut window_start = Instant::now();
         let mut window_images = 0usize;
-        for s in 0..steps_per_epoch {
+        for s in first..steps_per_epoch {
             let lr = learning_rate(
                 epoch as f64 + s as f64 / steps_per_epoch as f64,
                 peak,
@@ -545,6 +567,16 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 window_start = Instant::now();
                 window_images = 0;
             }
+            if stop.load(Ordering::SeqCst) && s + 1 < steps_per_epoch {
+                state.epoch_step = s + 1;
+                state.epoch_sums = sums;
+                state.epoch_seen = seen;
+                save_checkpoint(run_dir, recipe, &model, &norm, &opt, &state)?;
+                progress::finish(bar);
+                summary.steps = state.step;
+                summary.interrupted = Some(state.checkpoint_name());
+                return Ok(summary);
+            }
         }
         progress::finish(bar);
         state.epoch = epoch + 1;
@@ -598,9 +630,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
         let last = state.epoch == epochs;
         let offline = (ev.linear.is_some() || ev.knn.is_some() || (last && ev.finetune.is_some()))
             && (last || (ev.offline_every > 0 && state.epoch.is_multiple_of(ev.offline_every)));
+        let stopping = stop.load(Ordering::SeqCst) && state.epoch < epochs;
         if state.epoch.is_multiple_of(recipe.train.checkpoint_every)
             || state.epoch == epochs
             || offline
+            || stopping
         {
             save_checkpoint(run_dir, recipe, &model, &norm, &opt, &state)?;
         }
@@ -629,7 +663,31 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             );
             metrics.write(serde_json::Value::Object(row))?;
         }
+        if stopping {
+            summary.steps = state.step;
+            summary.interrupted = Some(state.checkpoint_name());
+            return Ok(summary);
+        }
     }
     summary.steps = state.step;
     Ok(summary)
+}
+
+/// The flag SIGINT and SIGTERM set, cleared for a new run. The handlers are installed once per
+/// process; with the flag already set, a second signal ends the process at once (exit 130).
+fn interrupt_flag() -> Result<Arc<AtomicBool>, String> {
+    static FLAG: std::sync::OnceLock<Result<Arc<AtomicBool>, String>> = std::sync::OnceLock::new();
+    let flag = FLAG
+        .get_or_init(|| {
+            let flag = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())
+                    .and_then(|_| signal_hook::flag::register(sig, flag.clone()))
+                    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+            }
+            Ok(flag)
+        })
+        .clone()?;
+    flag.store(false, Ordering::SeqCst);
+    Ok(flag)
 }
