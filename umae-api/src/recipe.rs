@@ -201,6 +201,9 @@ pub struct TrainSpec {
     pub checkpoint_every: usize,
     /// Keep only the newest K checkpoints of the run (0: keep all, as MAE does).
     pub keep_checkpoints: usize,
+    /// Optimizer steps whose loss or gradients are NaN or infinite that may be skipped (no
+    /// update) before the run stops; 0: stop at the first. Counted per `umae run` process.
+    pub skip_nonfinite: usize,
 }
 
 impl Default for TrainSpec {
@@ -212,6 +215,7 @@ impl Default for TrainSpec {
             log_every: 20,
             checkpoint_every: 1,
             keep_checkpoints: 0,
+            skip_nonfinite: 0,
         }
     }
 }

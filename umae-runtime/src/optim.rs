@@ -81,6 +81,11 @@ impl AdamW {
         Ok(())
     }
 
+    /// Drop the accumulated gradients (a skipped step).
+    pub fn discard(&mut self) {
+        self.acc.clear();
+    }
+
     /// The global L2 norm of the accumulated gradients (one host read).
     pub fn grad_norm(&self) -> f64 {
         let parts: Vec<Tensor<Inner, 1>> = self

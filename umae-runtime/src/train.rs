@@ -446,6 +446,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     // Ctrl-C or SIGTERM: finish the current step, write a checkpoint, stop. A second Ctrl-C
     // stops at once.
     let stop = interrupt_flag()?;
+    let mut skipped = 0usize;
     for epoch in state.epoch..epochs {
         let t0 = Instant::now();
         // A checkpoint written mid-epoch continues that epoch where it stopped: the same order
@@ -481,6 +482,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 epochs as f64,
             );
             let mut step_sums = vec![0.0f64; names.len()];
+            let mut fault: Option<String> = None;
             for _ in 0..accum {
                 let b = loader
                     .next()
@@ -518,17 +520,57 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                         )?
                     }
                 };
-                if !vals[0].is_finite() {
-                    return Err(format!(
-                        "the loss became {} at epoch {} step {}: the run stops here and its last checkpoint is kept; lower the learning rate (optimizer.blr) or set optimizer.clip_grad",
-                        vals[0], epoch + 1, state.step + 1
-                    ));
+                if fault.is_none() {
+                    fault = nonfinite_terms(&names, &vals);
                 }
                 for (a, v) in step_sums.iter_mut().zip(&vals) {
                     *a += *v as f64;
                 }
                 seen += b.n;
                 window_images += b.n;
+            }
+            // NaN or Inf in a loss term or the gradients: skip the step (no update) while the
+            // recipe allows, else stop with the last checkpoint intact.
+            if fault.is_none() && replicas.is_none() {
+                let norm = opt.grad_norm();
+                if !norm.is_finite() {
+                    fault = Some(format!(
+                        "the gradient norm became {norm} (every loss term finite)"
+                    ));
+                }
+            }
+            if let Some(what) = fault {
+                let at = format!("epoch {} step {}", epoch + 1, state.step + 1);
+                if skipped < recipe.train.skip_nonfinite && replicas.is_none() {
+                    skipped += 1;
+                    opt.discard();
+                    tracing::warn!(
+                        "{what} at {at}: step skipped, no update ({skipped} of train.skip_nonfinite={} used)",
+                        recipe.train.skip_nonfinite
+                    );
+                    state.step += 1;
+                    if let Some(bar) = &bar {
+                        bar.inc(1);
+                    }
+                    continue;
+                }
+                let last = checkpoint::list(run_dir)
+                    .last()
+                    .map(|d| {
+                        format!(
+                            "its last checkpoint {} is intact",
+                            d.file_name().unwrap_or_default().to_string_lossy()
+                        )
+                    })
+                    .unwrap_or_else(|| "no checkpoint was written yet".into());
+                let after = if skipped > 0 {
+                    format!(" after {skipped} skipped step(s)")
+                } else {
+                    String::new()
+                };
+                return Err(format!(
+                    "{what} at {at}{after}: the run stops here and {last}; lower the learning rate (optimizer.blr), set optimizer.clip_grad, or let train.skip_nonfinite skip such steps"
+                ));
             }
             match &replicas {
                 None => apply_step(&mut model, &mut opt, lr, recipe.eval.probe_lr),
@@ -671,6 +713,22 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     }
     summary.steps = state.step;
     Ok(summary)
+}
+
+/// Which loss terms of a step's scalars are NaN or infinite, e.g. `target.pixels became NaN`
+/// (the total `loss` only when no single term is named).
+fn nonfinite_terms(names: &[String], vals: &[f32]) -> Option<String> {
+    // The last scalar counts probe hits; it is not a loss.
+    let n = names.len().min(vals.len()).saturating_sub(1);
+    let bad: Vec<String> = (1..n)
+        .filter(|&i| !vals[i].is_finite())
+        .map(|i| format!("{} became {}", names[i], vals[i]))
+        .collect();
+    match (bad.is_empty(), vals.first()) {
+        (false, _) => Some(format!("the loss term {}", bad.join(", "))),
+        (true, Some(v)) if !v.is_finite() => Some(format!("the loss became {v}")),
+        _ => None,
+    }
 }
 
 /// The flag SIGINT and SIGTERM set, cleared for a new run. The handlers are installed once per
