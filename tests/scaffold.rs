@@ -172,6 +172,7 @@ fn the_five_templates_train_together() {
         device: umae_api::burn::DispatchDevice::Flex(Default::default()),
         parallel: Vec::new(),
         nodes: None,
+        force: false,
         resume: false,
     };
     let summary = umae_runtime::train::run(&recipe, &opts).unwrap();

@@ -100,6 +100,10 @@ enum Command {
         /// Continue the run in this directory from its latest checkpoint.
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["recipe", "output"])]
         resume: Option<PathBuf>,
+        /// Replace the run already in the output directory (its checkpoints, metrics and
+        /// evaluations; other files stay).
+        #[arg(long, conflicts_with = "resume")]
+        force: bool,
         /// cpu, cuda, cuda:N or tch (default: the recipe's `device`, else cpu); a list such
         /// as `cuda:0,cuda:1` trains data-parallel, train.batch_size images per device.
         #[arg(long, visible_alias = "devices")]
@@ -327,6 +331,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             sets,
             output,
             resume,
+            force,
             device,
             nodes,
         } => {
@@ -360,6 +365,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     parallel: devices,
                     nodes: nodes.resolve().map_err(Failure::Input)?,
                     resume,
+                    force,
                 },
             )
             .map_err(Failure::Run)?;

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub nodes: Option<crate::parallel::Nodes>,
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
+    /// Replace a run already in `run_dir` (its checkpoints, metrics and evaluations).
+    pub force: bool,
 }
 
 /// What a finished run reports.
@@ -300,21 +302,39 @@ pub fn start_run_from(recipe: &Recipe, model: &Model, run_dir: &Path) -> Result<
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     let device = &opts.device;
     let run_dir = &opts.run_dir;
-    let existing = checkpoint::list(run_dir);
+    let mut existing = checkpoint::list(run_dir);
     if !opts.resume && (!existing.is_empty() || run_dir.join("metrics.jsonl").exists()) {
+        if !opts.force {
+            return Err(format!(
+                "{} already holds a run: continue it with `umae run --resume {}`, replace it with --force, or choose another --output",
+                run_dir.display(),
+                run_dir.display()
+            ));
+        }
+    }
+    // Preflight, before anything is written: the dataset opens, and the directory is a
+    // directory we can write to.
+    let train_set: Arc<dyn Dataset> = data::open(&recipe.data, Split::Train, recipe.seed)?;
+    if run_dir.exists() && !run_dir.is_dir() {
         return Err(format!(
-            "{} already holds a run: continue it with `umae run --resume {}` or choose another --output",
-            run_dir.display(),
+            "--output {} is a file, not a directory",
             run_dir.display()
         ));
     }
+    if opts.force && !opts.resume {
+        clear_run(run_dir)?;
+        existing.clear();
+    }
     fs::create_dir_all(run_dir.join("checkpoints"))
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    let probe_file = run_dir.join(".write-test");
+    fs::write(&probe_file, b"")
+        .and_then(|()| fs::remove_file(&probe_file))
+        .map_err(|e| format!("cannot write into {}: {e}", run_dir.display()))?;
     if !opts.resume {
         checkpoint::write_file_atomic(&run_dir.join("recipe.ron"), &recipe.tree.to_ron())?;
     }
 
-    let train_set: Arc<dyn Dataset> = data::open(&recipe.data, Split::Train, recipe.seed)?;
     let needs_eval = recipe.eval.online_probe || recipe.eval.erank_samples > 0;
     let eval_set = if needs_eval {
         Some(data::open(&recipe.data, Split::Eval, recipe.seed)?)
@@ -325,6 +345,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     let eval_pipe = eval_set.map(|d| Pipeline::new(d, &recipe.data, false, recipe.seed));
 
     let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
+    check_disk_space(run_dir, &model)?;
     prepare_target(
         &mut model,
         recipe,
@@ -713,6 +734,66 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     }
     summary.steps = state.step;
     Ok(summary)
+}
+
+/// What `--force` removes from a run directory: everything a run writes, nothing else.
+const RUN_ENTRIES: &[&str] = &[
+    "checkpoints",
+    "metrics.jsonl",
+    "recipe.ron",
+    "eval.jsonl",
+    "features",
+    "analysis",
+    "tokenizer.safetensors",
+];
+
+fn clear_run(run_dir: &Path) -> Result<(), String> {
+    for name in RUN_ENTRIES {
+        let p = run_dir.join(name);
+        let removed = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else if p.exists() {
+            fs::remove_file(&p)
+        } else {
+            Ok(())
+        };
+        removed.map_err(|e| format!("--force: cannot remove {}: {e}", p.display()))?;
+    }
+    tracing::info!("--force: replaced the run in {}", run_dir.display());
+    Ok(())
+}
+
+/// Bytes a checkpoint of `model` takes: weights and AdamW's two moments, in f32.
+fn checkpoint_bytes(model: &Model) -> u64 {
+    let mut params = 0u64;
+    for (_, m) in model.trainables() {
+        m.visit_params(&mut |info, _| params += info.shape.iter().product::<usize>() as u64);
+    }
+    params * 4 * 3
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::statvfs(path.as_ptr(), &mut st) } == 0;
+    ok.then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Refuse to start when the disk cannot hold the next checkpoint (written beside the last).
+fn check_disk_space(run_dir: &Path, model: &Model) -> Result<(), String> {
+    let need = checkpoint_bytes(model) + (16 << 20);
+    match free_bytes(run_dir) {
+        Some(free) if free < need => Err(format!(
+            "{} has {} MiB free on its disk, a checkpoint of this model needs about {} MiB: free some space or choose another --output",
+            run_dir.display(),
+            free >> 20,
+            need >> 20
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Which loss terms of a step's scalars are NaN or infinite, e.g. `target.pixels became NaN`
