@@ -303,14 +303,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
     let device = &opts.device;
     let run_dir = &opts.run_dir;
     let mut existing = checkpoint::list(run_dir);
-    if !opts.resume && (!existing.is_empty() || run_dir.join("metrics.jsonl").exists()) {
-        if !opts.force {
-            return Err(format!(
-                "{} already holds a run: continue it with `umae run --resume {}`, replace it with --force, or choose another --output",
-                run_dir.display(),
-                run_dir.display()
-            ));
-        }
+    let occupied = !existing.is_empty() || run_dir.join("metrics.jsonl").exists();
+    if occupied && !opts.resume && !opts.force {
+        return Err(format!(
+            "{} already holds a run: continue it with `umae run --resume {}`, replace it with --force, or choose another --output",
+            run_dir.display(),
+            run_dir.display()
+        ));
     }
     // Preflight, before anything is written: the dataset opens, and the directory is a
     // directory we can write to.
