@@ -60,6 +60,16 @@ impl fmt::Display for RecipeError {
 
 impl std::error::Error for RecipeError {}
 
+/// What to do with an image that cannot be decoded (`data.bad_images`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BadImages {
+    /// Stop the run, naming the file.
+    #[default]
+    Fail,
+    /// Log the file, use the next readable image in its place, count it per epoch.
+    Skip,
+}
+
 /// Dataset formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataFormat {
@@ -119,6 +129,8 @@ pub struct DataSpec {
     pub workers: usize,
     /// Images in the synthetic training set.
     pub synthetic_size: usize,
+    /// Unreadable images (corrupt or truncated files): `Fail` (default) or `Skip`.
+    pub bad_images: BadImages,
 }
 
 impl Default for DataSpec {
@@ -136,6 +148,7 @@ impl Default for DataSpec {
             eval_limit: None,
             workers: 2,
             synthetic_size: 512,
+            bad_images: BadImages::Fail,
         }
     }
 }

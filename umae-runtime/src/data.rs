@@ -124,7 +124,14 @@ pub fn parse_idx(images: &[u8], labels: &[u8], what: &str) -> Result<InMemory, S
     if n != nl {
         return Err(format!("{what}: {n} images but {nl} labels"));
     }
-    if images.len() != 16 + n * h * w {
+    let want = n
+        .checked_mul(h)
+        .and_then(|x| x.checked_mul(w))
+        .and_then(|x| x.checked_add(16));
+    if h == 0 || w == 0 {
+        return Err(format!("{what}: images of {h}x{w} pixels"));
+    }
+    if want != Some(images.len()) {
         return Err(format!(
             "{what}: image file is truncated or padded: {} bytes for {n} images of {h}x{w}",
             images.len()
@@ -256,6 +263,13 @@ impl ImageFolder {
                     })
                 })
                 .collect();
+            if entries.is_empty() {
+                return Err(format!(
+                    "class folder {} holds no .png/.jpg images: add images or remove it (every sub-folder of {} is a class)",
+                    root.join(class).display(),
+                    root.display()
+                ));
+            }
             entries.sort();
             files.extend(entries.into_iter().map(|p| (p, label)));
         }
@@ -351,9 +365,20 @@ pub fn synthetic(n: usize, channels: usize, size: usize, classes: usize, seed: u
 /// Open the dataset a recipe names, for one split.
 pub fn open(spec: &DataSpec, split: Split, seed: u64) -> Result<Arc<dyn Dataset>, String> {
     let root = Path::new(&spec.root);
+    let in_range = |m: InMemory, what: &str| -> Result<Arc<dyn Dataset>, String> {
+        match m.labels.iter().max() {
+            Some(&l) if l >= spec.num_classes => Err(format!(
+                "{what} in {} has labels up to {l}, but data.num_classes is {}: set data.num_classes to {} or more",
+                root.display(),
+                spec.num_classes,
+                l + 1
+            )),
+            _ => Ok(Arc::new(m)),
+        }
+    };
     let ds: Arc<dyn Dataset> = match spec.format {
-        DataFormat::Idx => Arc::new(load_idx(root, split)?),
-        DataFormat::Cifar => Arc::new(load_cifar(root, split)?),
+        DataFormat::Idx => in_range(load_idx(root, split)?, "the IDX data")?,
+        DataFormat::Cifar => in_range(load_cifar(root, split)?, "the CIFAR data")?,
         DataFormat::ImageFolder => {
             let sub = match split {
                 Split::Train => "train",
@@ -364,7 +389,17 @@ pub fn open(spec: &DataSpec, split: Split, seed: u64) -> Result<Arc<dyn Dataset>
             } else {
                 root.to_path_buf()
             };
-            Arc::new(ImageFolder::open(&dir, spec.channels)?)
+            let folder = ImageFolder::open(&dir, spec.channels)?;
+            if folder.classes.len() > spec.num_classes {
+                return Err(format!(
+                    "{} has {} class folders, but data.num_classes is {}: set data.num_classes to {}",
+                    dir.display(),
+                    folder.classes.len(),
+                    spec.num_classes,
+                    folder.classes.len()
+                ));
+            }
+            Arc::new(folder)
         }
         DataFormat::Synthetic => {
             let n = match split {
@@ -535,6 +570,10 @@ pub struct Pipeline {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     pub seed: u64,
+    /// `data.bad_images = Skip`: replace unreadable images instead of failing.
+    pub skip_bad: bool,
+    /// Images replaced since the last [`Pipeline::take_skipped`].
+    skipped: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Pipeline {
@@ -548,7 +587,53 @@ impl Pipeline {
             mean,
             std,
             seed,
+            skip_bad: spec.bad_images == umae_api::recipe::BadImages::Skip,
+            skipped: Arc::default(),
         }
+    }
+
+    /// How many unreadable images were replaced since the last call.
+    pub fn take_skipped(&self) -> usize {
+        self.skipped.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Image `i` with its label, checked against the recipe's channel count.
+    fn load(&self, i: usize) -> Result<(Image, usize), String> {
+        let (img, label) = self.dataset.get(i)?;
+        if img.channels != self.channels {
+            return Err(format!(
+                "image {i} has {} channels, the recipe says data.channels = {}",
+                img.channels, self.channels
+            ));
+        }
+        Ok((img, label))
+    }
+
+    /// Image `i`, or with `skip_bad` the next readable one after it (each unreadable image
+    /// logged and counted).
+    fn load_or_replace(&self, i: usize) -> Result<(Image, usize), String> {
+        let n = self.dataset.len();
+        let mut first_error = None;
+        for k in 0..n.min(64) {
+            match self.load((i + k) % n) {
+                Ok(x) => return Ok(x),
+                Err(e) if self.skip_bad => {
+                    tracing::warn!("{e}: skipped (data.bad_images = Skip)");
+                    self.skipped
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{e}; set data.bad_images = Skip to skip unreadable images"
+                    ))
+                }
+            }
+        }
+        Err(format!(
+            "{} and the next images are all unreadable: check the dataset",
+            first_error.unwrap_or_default()
+        ))
     }
 
     /// Decode, augment and normalise the images at `indices`. The augmentation of each image is
@@ -558,13 +643,7 @@ impl Pipeline {
         let mut images = Vec::with_capacity(indices.len() * self.channels * s * s);
         let mut labels = Vec::with_capacity(indices.len());
         for &i in indices {
-            let (img, label) = self.dataset.get(i)?;
-            if img.channels != self.channels {
-                return Err(format!(
-                    "image {i} has {} channels, the recipe says data.channels = {}",
-                    img.channels, self.channels
-                ));
-            }
+            let (img, label) = self.load_or_replace(i)?;
             let px = match &self.augment {
                 Some(a) => {
                     random_resized_crop(&img, s, a, &mut Rng::derive(self.seed, &[epoch, i as u64]))

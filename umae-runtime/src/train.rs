@@ -679,6 +679,14 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
             row.insert("erank".into(), json!(e));
             summary.erank = Some(e);
         }
+        let skipped_images = train_pipe.take_skipped();
+        if skipped_images > 0 {
+            tracing::warn!(
+                "epoch {}: {skipped_images} unreadable training image(s) skipped (their files are named above)",
+                epoch + 1
+            );
+            row.insert("data.skipped".into(), json!(skipped_images));
+        }
         let secs = t0.elapsed().as_secs_f64();
         row.insert("seconds".into(), json!(secs));
         row.insert("images_per_s".into(), json!(seen as f64 / secs));
