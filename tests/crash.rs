@@ -1,6 +1,7 @@
 //! Crashes and stops through the real binary (CPU, fixed seed): a run killed with SIGKILL at
 //! random points, over and over, and resumed each time ends with exactly the weights of an
-//! uninterrupted run; SIGINT and SIGTERM finish the step, write a checkpoint and exit 130.
+//! uninterrupted run (resuming from epoch ends and from checkpoints within epochs); SIGINT and
+//! SIGTERM finish the step, write a checkpoint and exit 130.
 
 mod common;
 use common::*;
@@ -18,7 +19,9 @@ fn args(out: &Path) -> Vec<String> {
         "data.synthetic_size=256",
         "data.eval_limit=Some(32)",
         "train.batch_size=32",
-        "train.epochs=8",
+        "train.epochs=16",
+        // Checkpoints within epochs too, so that kills resume mid-epoch as well.
+        "train.checkpoint_steps=3",
         "train.log_every=1",
         "encoder.params.depth=Some(1)",
         "encoder.params.dim=Some(32)",
@@ -49,7 +52,7 @@ fn resume_args(dir: &Path) -> Vec<String> {
 
 /// The final weights and the epoch rows without their timings.
 fn outcome(dir: &Path) -> (Vec<u8>, Vec<String>) {
-    let weights = std::fs::read(dir.join("checkpoints/epoch-0008/model.safetensors")).unwrap();
+    let weights = std::fs::read(dir.join("checkpoints/epoch-0016/model.safetensors")).unwrap();
     let rows = metrics_rows(dir)
         .into_iter()
         .filter(|r| r["kind"] == "epoch")
@@ -98,12 +101,15 @@ fn sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights() {
     let dir = tmp.path().join("killed");
     let ckpts = dir.join("checkpoints");
     let mut rng = Lcg(0x5EED);
-    let (mut kills, mut in_write, mut attempts) = (0, 0, 0);
+    let (mut kills, mut in_write, mut attempts, mut mid_epoch) = (0, 0, 0, 0);
     let t0 = Instant::now();
     loop {
         attempts += 1;
         assert!(attempts < 200, "the run makes no progress under kills");
         let first = !dir.join("recipe.ron").exists();
+        mid_epoch += usize::from(
+            std::fs::read_to_string(ckpts.join("latest")).is_ok_and(|l| l.contains("-step-")),
+        );
         let mut child = spawn(&if first { args(&dir) } else { resume_args(&dir) });
         if kills < 24 {
             // Every third kill waits for a checkpoint being written (its `.tmp` folder) and
@@ -141,15 +147,16 @@ fn sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights() {
             "attempt {attempts}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        if dir.join("checkpoints/epoch-0008").exists() {
+        if dir.join("checkpoints/epoch-0016").exists() {
             break;
         }
     }
     eprintln!(
-        "{kills} kills ({in_write} during a checkpoint write), {attempts} starts, {:.1}s",
+        "{kills} kills ({in_write} during a checkpoint write), {attempts} starts ({mid_epoch} from a mid-epoch checkpoint), {:.1}s",
         t0.elapsed().as_secs_f64()
     );
     assert!(kills >= 20, "only {kills} kills");
+    assert!(mid_epoch > 0, "no resume started within an epoch");
     let (a, b) = (outcome(&straight), outcome(&dir));
     assert_eq!(a.1, b.1, "epoch metrics differ");
     assert!(a.0 == b.0, "final weights differ after {kills} kills");

@@ -212,6 +212,9 @@ pub struct TrainSpec {
     pub log_every: usize,
     /// Write a checkpoint every N epochs (and always at the end).
     pub checkpoint_every: usize,
+    /// Also write a checkpoint every N optimizer steps within an epoch (0: only at epoch
+    /// ends); kept until the epoch's own checkpoint is written. For long epochs.
+    pub checkpoint_steps: usize,
     /// Keep only the newest K checkpoints of the run (0: keep all, as MAE does).
     pub keep_checkpoints: usize,
     /// Optimizer steps whose loss or gradients are NaN or infinite that may be skipped (no
@@ -227,6 +230,7 @@ impl Default for TrainSpec {
             accum_steps: 1,
             log_every: 20,
             checkpoint_every: 1,
+            checkpoint_steps: 0,
             keep_checkpoints: 0,
             skip_nonfinite: 0,
         }

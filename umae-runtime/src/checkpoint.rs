@@ -247,6 +247,22 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Delete the mid-epoch checkpoints written during epoch `completed + 1` (named
+/// `epoch-NNNN-step-*` with NNNN = `completed`), once that epoch's own checkpoint exists.
+pub fn remove_within_epoch(run_dir: &Path, completed: usize) -> Result<(), String> {
+    let prefix = format!("epoch-{completed:04}-step-");
+    for dir in list(run_dir) {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with(&prefix) {
+            let doomed = dir.with_extension("deleting");
+            fs::rename(&dir, &doomed)
+                .and_then(|()| fs::remove_dir_all(&doomed))
+                .map_err(|e| format!("cannot delete checkpoint {}: {e}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The checkpoint folders of a run directory (`epoch-NNNN`), oldest first, without checking
 /// their contents.
 pub fn list(run_dir: &Path) -> Vec<PathBuf> {
@@ -391,5 +407,14 @@ mod tests {
         write_file_atomic(&tmp.path().join("checkpoints/latest"), "epoch-0004").unwrap();
         prune(tmp.path(), 1).unwrap();
         assert_eq!(names(tmp.path()), ["epoch-0004", "epoch-0006"]);
+        // Mid-epoch checkpoints of epoch 7 go once it is complete, others stay.
+        checkpoint(tmp.path(), "epoch-0006-step-00000100");
+        checkpoint(tmp.path(), "epoch-0006-step-00000103");
+        checkpoint(tmp.path(), "epoch-0007-step-00000110");
+        remove_within_epoch(tmp.path(), 6).unwrap();
+        assert_eq!(
+            names(tmp.path()),
+            ["epoch-0004", "epoch-0006", "epoch-0007-step-00000110"]
+        );
     }
 }

@@ -233,6 +233,10 @@ pub fn save_checkpoint(
         fs::write(tmp.join("state.json"), text).map_err(|e| format!("cannot write state.json: {e}"))
     })?;
     checkpoint::write_file_atomic(&run_dir.join("checkpoints").join("latest"), &name)?;
+    if state.epoch_step == 0 && state.epoch > 0 {
+        // The epoch is complete: its mid-epoch checkpoints are superseded.
+        checkpoint::remove_within_epoch(run_dir, state.epoch - 1)?;
+    }
     checkpoint::prune(run_dir, recipe.train.keep_checkpoints)
 }
 
@@ -629,15 +633,24 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary, String> {
                 window_start = Instant::now();
                 window_images = 0;
             }
-            if stop.load(Ordering::SeqCst) && s + 1 < steps_per_epoch {
-                state.epoch_step = s + 1;
-                state.epoch_sums = sums;
-                state.epoch_seen = seen;
-                save_checkpoint(run_dir, recipe, &model, &norm, &opt, &state)?;
-                progress::finish(bar);
-                summary.steps = state.step;
-                summary.interrupted = Some(state.checkpoint_name());
-                return Ok(summary);
+            let stopping = stop.load(Ordering::SeqCst);
+            let every = recipe.train.checkpoint_steps as u64;
+            if s + 1 < steps_per_epoch
+                && (stopping || (every > 0 && state.step.is_multiple_of(every)))
+            {
+                let mid = State {
+                    epoch_step: s + 1,
+                    epoch_sums: sums.clone(),
+                    epoch_seen: seen,
+                    ..state.clone()
+                };
+                save_checkpoint(run_dir, recipe, &model, &norm, &opt, &mid)?;
+                if stopping {
+                    progress::finish(bar);
+                    summary.steps = state.step;
+                    summary.interrupted = Some(mid.checkpoint_name());
+                    return Ok(summary);
+                }
             }
         }
         progress::finish(bar);
