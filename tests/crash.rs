@@ -1,5 +1,5 @@
 //! Crashes and stops through the real binary (CPU, fixed seed): a run killed with SIGKILL at
-//! random points, over and over, and resumed each time ends with exactly the weights of an
+//! random points (inside steps and inside checkpoint writes), over and over, and resumed each time ends with exactly the weights of an
 //! uninterrupted run (resuming from epoch ends and from checkpoints within epochs); SIGINT and
 //! SIGTERM finish the step, write a checkpoint and exit 130.
 
@@ -75,6 +75,26 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok, "kill {sig}");
 }
 
+/// The last optimizer step with a row in `metrics.jsonl` (0 before any).
+fn last_step(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "step")
+        .filter_map(|r| r["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether a checkpoint (or the `latest` pointer) is being written right now.
+fn writing(ckpts: &Path) -> bool {
+    std::fs::read_dir(ckpts).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+    })
+}
+
 /// Small deterministic generator for the kill times (the test is reproducible).
 struct Lcg(u64);
 
@@ -112,24 +132,32 @@ fn sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights() {
         );
         let mut child = spawn(&if first { args(&dir) } else { resume_args(&dir) });
         if kills < 24 {
-            // Every third kill waits for a checkpoint being written (its `.tmp` folder) and
-            // kills then; the others at a random time in the first 1.5 s.
+            // Kill once the run has trained 1 to 4 more steps (metrics.jsonl has a row per
+            // step), at a random moment inside the following step; every third kill instead
+            // waits for a checkpoint being written (its `.tmp` entry) and kills then. Each
+            // start gains at most a few steps, so all 24 kills land before the run's 128
+            // steps are done, however fast the machine.
             let aim_at_write = kills % 3 == 2;
-            let deadline = Instant::now() + Duration::from_millis(100 + rng.below(1400));
-            let mut hit_write = false;
+            let target = last_step(&dir) + 1 + rng.below(4);
+            let delay = Duration::from_micros(rng.below(30_000));
+            let (mut reached, mut hit_write) = (None::<Instant>, false);
+            let started = Instant::now();
             while child.try_wait().unwrap().is_none() {
-                let writing = aim_at_write
-                    && std::fs::read_dir(&ckpts).is_ok_and(|rd| {
-                        rd.flatten()
-                            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-                    });
-                if writing || (!aim_at_write && Instant::now() >= deadline) {
-                    hit_write = writing;
+                if aim_at_write {
+                    if writing(&ckpts) {
+                        hit_write = true;
+                        break;
+                    }
+                } else if reached.is_none() && last_step(&dir) >= target {
+                    reached = Some(Instant::now());
+                }
+                if reached.is_some_and(|t| t.elapsed() >= delay) {
                     break;
                 }
-                if aim_at_write && Instant::now() >= deadline + Duration::from_secs(5) {
-                    break;
-                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "no progress in 2 minutes"
+                );
                 std::thread::sleep(Duration::from_micros(200));
             }
             if child.try_wait().unwrap().is_none() {
