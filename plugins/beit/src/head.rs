@@ -4,7 +4,7 @@ use umae_api::burn::nn::{LayerNorm, Linear};
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::Tensor;
 use umae_api::{BuildContext, DecoderModule, EncoderOutput, Mask, MaskMode, PluginError, B};
-use umae_plugin_vit::nn::{layer_norm, linear, linear3};
+use umae_plugin_vit::nn::{layer_norm, linear, linear3, norm};
 
 umae_api::params! {
     /// Parameters of the `token-head` decoder (none: its width is the target's vocabulary).
@@ -33,7 +33,7 @@ fn build(_p: &TokenHeadParams, ctx: &BuildContext) -> Result<TokenHead<B>, Plugi
 impl DecoderModule for TokenHead<B> {
     fn forward(&self, encoded: &EncoderOutput, mask: &Mask) -> Tensor<B, 3> {
         let x = encoded.patch_tokens(mask.plan.num_patches);
-        linear3(&self.head, self.norm.forward(x))
+        linear3(&self.head, norm(&self.norm, x))
     }
 
     fn out_dim(&self) -> usize {

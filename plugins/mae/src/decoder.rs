@@ -4,7 +4,7 @@ use umae_api::burn::nn::{LayerNorm, Linear};
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
 use umae_api::{BuildContext, DecoderModule, EncoderOutput, Mask, MaskMode, PluginError, B};
-use umae_plugin_vit::nn::{gather_tokens, layer_norm, linear, linear3, sincos_2d, Block};
+use umae_plugin_vit::nn::{gather_tokens, layer_norm, linear, linear3, norm, sincos_2d, Block};
 
 umae_api::params! {
     /// Parameters of the `mae` decoder.
@@ -98,7 +98,7 @@ impl DecoderModule for MaeDecoder<B> {
         for block in &self.blocks {
             y = block.forward(y);
         }
-        let y = linear3(&self.pred, self.norm.forward(y));
+        let y = linear3(&self.pred, norm(&self.norm, y));
         let total = y.dims()[1];
         y.slice([0..b, prefix..total])
     }

@@ -203,7 +203,7 @@ impl EncoderModule for Vit<B> {
                 block.forward(x)
             };
         }
-        let x = self.norm.forward(x);
+        let x = nn::norm(&self.norm, x);
         let t = x.dims()[1];
         let pooled = match self.pool {
             Pool::Cls => x.clone().slice([0..b, 0..1]).reshape([b, d]),

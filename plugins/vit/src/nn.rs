@@ -7,7 +7,6 @@ use umae_api::burn;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use umae_api::burn::prelude::Backend;
-use umae_api::burn::tensor::activation::softmax;
 use umae_api::burn::tensor::{Distribution, Tensor};
 use umae_api::{fast, precision, Device, B};
 
@@ -24,9 +23,23 @@ pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear<B> {
     }
 }
 
-/// LayerNorm with MAE's epsilon (1e-6).
+/// MAE's LayerNorm epsilon.
+pub const NORM_EPSILON: f64 = 1e-6;
+
+/// LayerNorm with MAE's epsilon ([`NORM_EPSILON`]); apply it with [`norm`].
 pub fn layer_norm(d: usize, device: &Device) -> LayerNorm<B> {
-    LayerNormConfig::new(d).with_epsilon(1e-6).init(device)
+    LayerNormConfig::new(d)
+        .with_epsilon(NORM_EPSILON)
+        .init(device)
+}
+
+/// Apply a LayerNorm made by [`layer_norm`] through [`umae_api::fast::layer_norm`] (one fused
+/// pass each way on the CPU).
+pub fn norm<const D: usize>(layer: &LayerNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    match &layer.beta {
+        Some(beta) => fast::layer_norm(x, layer.gamma.val(), beta.val(), NORM_EPSILON),
+        None => layer.forward(x),
+    }
 }
 
 /// Apply a Linear to `[B, T, C]` through a 2-D view.
@@ -63,26 +76,10 @@ impl Attention<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let h = self.heads;
-        let hd = d / h;
-        // q, k and v stay strided views of the qkv output ([B, T, 3, H, hd] read as
-        // [B, H, T, hd]): the batched matmul takes strides, so no copy is made here.
-        let qkv = dense(&self.qkv, x.reshape([b * t, d])).reshape([b, t, 3, h, hd]);
-        let part = |i: usize| {
-            qkv.clone()
-                .narrow(2, i, 1)
-                .squeeze_dim::<4>(2)
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (part(0), part(1), part(2));
-        let scale = (hd as f64).powf(-0.5);
-        // Scores and the weighted sum in the compute precision, the softmax in f32; the scale
-        // goes on the [T, T] scores, smaller than q when T < hd.
-        let scores = precision::matmul(q, k.swap_dims(2, 3)).mul_scalar(scale);
-        let out = precision::matmul(softmax(scores, 3), v)
-            .swap_dims(1, 2)
-            .reshape([b * t, d]);
-        dense(&self.proj, out).reshape([b, t, d])
+        // Scores, softmax and the weighted sum of every head in one operation
+        // ([`umae_api::fast::attention`]), from the qkv rows to the input of the projection.
+        let qkv = dense(&self.qkv, x.reshape([b * t, d]));
+        dense(&self.proj, fast::attention(qkv, b, self.heads)).reshape([b, t, d])
     }
 }
 
@@ -125,8 +122,8 @@ impl Block<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
-        x.clone() + self.mlp.forward(self.norm2.forward(x))
+        let x = x.clone() + self.attn.forward(norm(&self.norm1, x));
+        x.clone() + self.mlp.forward(norm(&self.norm2, x))
     }
 
     /// [`Block::forward`] with stochastic depth: each sample's residual branch is dropped with
@@ -137,8 +134,8 @@ impl Block<B> {
         let keep = 1.0 - rate;
         let mask =
             || Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &device) / keep;
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x)) * mask();
-        x.clone() + self.mlp.forward(self.norm2.forward(x)) * mask()
+        let x = x.clone() + self.attn.forward(norm(&self.norm1, x)) * mask();
+        x.clone() + self.mlp.forward(norm(&self.norm2, x)) * mask()
     }
 }
 
