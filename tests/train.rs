@@ -196,6 +196,10 @@ fn bench_reports_throughput() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    // A step does work on at least one core, and the process cannot use more than it has.
+    let cores = v["cores_busy"].as_f64().unwrap();
+    let have = std::thread::available_parallelism().unwrap().get() as f64;
+    assert!(cores > 0.05 && cores < have + 0.5, "cores busy: {cores}");
     let o = run(&["bench", "recipes/mae-vitt-cifar10.ron", "--device", "cuda"]);
     assert_ne!(o.status.code(), Some(0));
     assert!(!text(&o).contains("panicked"), "{}", text(&o));

@@ -429,11 +429,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 );
             } else {
                 println!(
-                    "{}: batch {batch}, {steps} steps in {:.2}s: {:.1} images/s, {:.1} ms/step, peak memory {}",
+                    "{}: batch {batch}, {steps} steps in {:.2}s: {:.1} images/s, {:.1} ms/step, {} cores busy, peak memory {}",
                     r.name,
                     res.seconds,
                     res.images_per_s,
                     res.ms_per_step,
+                    res.cores_busy.map(|c| format!("{c:.2}")).unwrap_or("n/a".into()),
                     res.peak_rss_mib.map(|m| format!("{m:.0} MiB (process RSS)")).unwrap_or("n/a".into())
                 );
             }

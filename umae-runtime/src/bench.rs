@@ -18,6 +18,19 @@ pub struct BenchResult {
     pub ms_per_step: f64,
     /// Peak resident memory of the process (CPU), in MiB, when the OS reports it.
     pub peak_rss_mib: Option<f64>,
+    /// CPU time of the process over wall time during the timed steps: how many cores were busy.
+    pub cores_busy: Option<f64>,
+}
+
+/// CPU time (user + system) of the whole process so far, in seconds.
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut u = std::mem::zeroed::<libc::rusage>();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0).then_some(u)
+    }?;
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 /// Peak resident set size from /proc (Linux).
@@ -69,9 +82,13 @@ pub fn bench(
         Ok(())
     };
     run(&mut model, warmup)?;
+    let cpu0 = process_cpu_seconds();
     let t0 = Instant::now();
     run(&mut model, steps)?;
     let seconds = t0.elapsed().as_secs_f64();
+    let cores_busy = process_cpu_seconds()
+        .zip(cpu0)
+        .map(|(end, start)| (end - start) / seconds);
     Ok(BenchResult {
         batch,
         steps,
@@ -79,6 +96,7 @@ pub fn bench(
         images_per_s: (batch * steps) as f64 / seconds,
         ms_per_step: seconds * 1000.0 / steps as f64,
         peak_rss_mib: peak_rss_mib(),
+        cores_busy,
     })
 }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use umae_api::burn::tensor::Tensor;
+use umae_api::fast::{self, AdamWStep};
 use umae_api::recipe::{OptimizerSpec, ScheduleSpec};
 use umae_api::{Grads, Inner, Trainable};
 
@@ -136,30 +137,23 @@ impl AdamW {
         for (prefix, module) in modules.iter_mut() {
             module.map_params(&mut |info, p| {
                 let k = key(prefix, info.path);
-                let Some(mut g) = self.acc.remove(&k) else {
+                let Some(g) = self.acc.remove(&k) else {
                     return p;
                 };
-                let lr = lr * self.lr_scale.get(&k).copied().unwrap_or(1.0);
-                if scale != 1.0 {
-                    g = g * scale;
-                }
-                let m = match self.m.remove(&k) {
-                    Some(m) => m * b1 + g.clone() * (1.0 - b1),
-                    None => g.clone() * (1.0 - b1),
+                let step = AdamWStep {
+                    lr: lr * self.lr_scale.get(&k).copied().unwrap_or(1.0),
+                    beta1: b1,
+                    beta2: b2,
+                    eps,
+                    weight_decay: if info.decays() { wd } else { 0.0 },
+                    bias_correction1: bc1,
+                    bias_correction2: bc2,
+                    grad_scale: scale,
                 };
-                let v = match self.v.remove(&k) {
-                    Some(v) => v * b2 + g.powf_scalar(2.0) * (1.0 - b2),
-                    None => g.powf_scalar(2.0) * (1.0 - b2),
-                };
-                let decayed = if info.decays() && wd > 0.0 {
-                    p.clone() - p * (lr * wd)
-                } else {
-                    p
-                };
-                let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + eps);
+                let (p, m, v) = fast::adamw(p, g, self.m.remove(&k), self.v.remove(&k), &step);
                 self.m.insert(k.clone(), m);
                 self.v.insert(k, v);
-                decayed - update * lr
+                p
             });
         }
     }
