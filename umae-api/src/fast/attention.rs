@@ -100,92 +100,151 @@ struct AttnGeometry {
     scale: f32,
 }
 
-/// One image: `x` its `[T, 3D]` qkv rows, `o` its `[T, D]` output rows, `p` its `[H, T, T]`
-/// attention weights.
+/// `dst = beta · lhs · rhs` for row-major strided operands: `dst` is `m × n` with row stride
+/// `dst_rs`, `lhs` is `m × k` and `rhs` is `k × n`, each given as (pointer, row stride, column
+/// stride), so that a transpose is only a swap of strides. One thread: the caller runs one
+/// image per task.
+///
+/// # Safety
+/// Every element the strides reach must lie inside the allocation its pointer belongs to, and
+/// `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// One image: `x` its `[T, 3D]` qkv rows, `o` its `[T, D]` output rows, `p` its `[H, T, T]`
+/// attention weights. Per head: `S = Q Kᵀ / √hd`, `P = softmax(S)` row by row, `O = P V`, the
+/// two products through the gemm crate's kernels on strided views of the qkv rows.
 fn attention_forward(g: &AttnGeometry, x: &[f32], o: &mut [f32], p: &mut [f32]) {
     let (t, d, hd) = (g.t, g.d, g.hd);
     let w = 3 * d;
+    assert!(x.len() >= t * w && o.len() >= t * d && p.len() >= g.heads * t * t);
     for h in 0..g.heads {
-        let (qo, ko, vo) = (h * hd, d + h * hd, 2 * d + h * hd);
+        let (q, k, v) = (&x[h * hd..], &x[d + h * hd..], &x[2 * d + h * hd..]);
         let p = &mut p[h * t * t..(h + 1) * t * t];
-        for i in 0..t {
-            let q = &x[i * w + qo..i * w + qo + hd];
-            let row = &mut p[i * t..(i + 1) * t];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in row.iter_mut().enumerate() {
-                *s = dot(q, &x[j * w + ko..j * w + ko + hd]) * g.scale;
-                max = max.max(*s);
-            }
+        // SAFETY: the views stay inside x, p and o (checked above); the outputs are distinct
+        // buffers from the inputs.
+        unsafe {
+            product(
+                (t, t, hd),
+                p.as_mut_ptr(),
+                t,
+                (q.as_ptr(), w, 1),
+                (k.as_ptr(), 1, w),
+                g.scale,
+            );
+        }
+        for row in p.chunks_exact_mut(t) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let mut sum = 0.0f32;
             for s in row.iter_mut() {
                 *s = math::exp(*s - max);
                 sum += *s;
             }
             let inv = 1.0 / sum;
-            let out = &mut o[i * d + h * hd..i * d + (h + 1) * hd];
-            for (j, s) in row.iter_mut().enumerate() {
-                *s *= inv;
-                axpy(*s, &x[j * w + vo..j * w + vo + hd], out);
-            }
+            row.iter_mut().for_each(|s| *s *= inv);
+        }
+        // SAFETY: as above.
+        unsafe {
+            product(
+                (t, hd, t),
+                o[h * hd..].as_mut_ptr(),
+                d,
+                (p.as_ptr(), t, 1),
+                (v.as_ptr(), w, 1),
+                1.0,
+            );
         }
     }
 }
 
-/// One image's gradients: `dout` its `[T, D]` output gradient, `dx` its `[T, 3D]` qkv gradient.
-#[inline(always)]
+/// One image's gradients: `dout` its `[T, D]` output gradient, `dx` its `[T, 3D]` qkv gradient
+/// (every element written). Per head: `dP = dO Vᵀ`, `dV = Pᵀ dO`,
+/// `dS = P ⊙ (dP - rowsum(P ⊙ dP)) / √hd`, `dQ = dS K`, `dK = dSᵀ Q`.
 fn attention_backward(g: &AttnGeometry, x: &[f32], p: &[f32], dout: &[f32], dx: &mut [f32]) {
     let (t, d, hd) = (g.t, g.d, g.hd);
     let w = 3 * d;
-    let mut ds = vec![0.0f32; t];
+    assert!(x.len() >= t * w && dx.len() >= t * w && dout.len() >= t * d);
+    assert!(p.len() >= g.heads * t * t);
+    let mut ds = vec![0.0f32; t * t];
     for h in 0..g.heads {
         let (qo, ko, vo) = (h * hd, d + h * hd, 2 * d + h * hd);
         let p = &p[h * t * t..(h + 1) * t * t];
-        for i in 0..t {
-            let prow = &p[i * t..(i + 1) * t];
-            let go = &dout[i * d + h * hd..i * d + (h + 1) * hd];
-            // dP[i, j] = dO_i · v_j; dV_j += P[i, j] dO_i.
-            let mut weighted = 0.0f32;
-            for j in 0..t {
-                let dp = dot(go, &x[j * w + vo..j * w + vo + hd]);
-                ds[j] = dp;
-                weighted += prow[j] * dp;
-                axpy(prow[j], go, &mut dx[j * w + vo..j * w + vo + hd]);
-            }
-            // dS = P ⊙ (dP - Σ P dP), scaled; dQ_i += dS[i, j] k_j; dK_j += dS[i, j] q_i.
-            for j in 0..t {
-                let s = prow[j] * (ds[j] - weighted) * g.scale;
-                let (k_j, q_i) = (j * w + ko, i * w + qo);
-                axpy(s, &x[k_j..k_j + hd], &mut dx[q_i..q_i + hd]);
-                axpy(s, &x[q_i..q_i + hd], &mut dx[k_j..k_j + hd]);
+        let go = &dout[h * hd..];
+        // SAFETY: every view stays inside its buffer (checked above); ds and dx are distinct
+        // from the inputs.
+        unsafe {
+            product(
+                (t, t, hd),
+                ds.as_mut_ptr(),
+                t,
+                (go.as_ptr(), d, 1),
+                (x[vo..].as_ptr(), 1, w),
+                1.0,
+            );
+            product(
+                (t, hd, t),
+                dx[vo..].as_mut_ptr(),
+                w,
+                (p.as_ptr(), 1, t),
+                (go.as_ptr(), d, 1),
+                1.0,
+            );
+        }
+        for (dsr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+            let weighted: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+            for (s, &pv) in dsr.iter_mut().zip(pr) {
+                *s = pv * (*s - weighted) * g.scale;
             }
         }
-    }
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums, so that the loop vectorises without reordering a single sum.
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+        // SAFETY: as above.
+        unsafe {
+            product(
+                (t, hd, t),
+                dx[qo..].as_mut_ptr(),
+                w,
+                (ds.as_ptr(), t, 1),
+                (x[ko..].as_ptr(), w, 1),
+                1.0,
+            );
+            product(
+                (t, hd, t),
+                dx[ko..].as_mut_ptr(),
+                w,
+                (ds.as_ptr(), 1, t),
+                (x[qo..].as_ptr(), w, 1),
+                1.0,
+            );
         }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
     }
 }
 
