@@ -11,6 +11,10 @@
 # The wheel is the CUDA build of PyTorch (its NVIDIA libraries come with it, several GiB): tch
 # links libtorch_cuda whenever the wheel has it, so the NVIDIA libraries must be there to link,
 # even for `--device tch` on the CPU. A second run finds the installation and only rewrites env.sh.
+#
+# Known problem: with this libtorch, burn and libtorch compile (`--features cuda,tch`), but the
+# final link of the `umae` binary fails with undefined ZSTD_* symbols (zstd-sys); until that is
+# fixed the tch build does not produce a binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
