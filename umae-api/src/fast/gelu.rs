@@ -121,7 +121,9 @@ mod tests {
         };
         let (y_ref, g_ref) = grad_of(&|x| activation::gelu(x));
         let (y, g) = grad_of(&|x| gelu(x));
-        y.assert_approx_eq::<f32>(&y_ref, burn::tensor::Tolerance::absolute(1e-6));
+        // The vectorised erf is within 5e-7 of libm's, so x Φ(x) is within about 1.5e-6 at
+        // |x| = 5; the bound is the one asked of every fused kernel (1e-5 on values).
+        y.assert_approx_eq::<f32>(&y_ref, burn::tensor::Tolerance::absolute(1e-5));
         g.assert_approx_eq::<f32>(&g_ref, burn::tensor::Tolerance::absolute(1e-5));
     }
 
