@@ -5,16 +5,16 @@
 #   scripts/setup-libtorch.sh            # default folder: .libtorch/ (a Python virtual environment)
 #   source .libtorch/env.sh              # LIBTORCH_USE_PYTORCH=1 and this Python for the build,
 #                                        # LD_LIBRARY_PATH for the binary at run time
-#   cargo build --release --features tch
-#   target/release/umae bench recipes/mae-fmnist.ron --device tch
+#   CARGO_TARGET_DIR=target/tch cargo build --release --features cuda,tch
+#   target/tch/release/umae device-check recipes/mae-fmnist.ron --device tch
+#   target/tch/release/umae bench recipes/mae-fmnist.ron --device tch
+#
+# (target/tch keeps this build's burn, built with two more backends, apart from the default
+# build's in target/release, so that switching between the two rebuilds neither.)
 #
 # The wheel is the CUDA build of PyTorch (its NVIDIA libraries come with it, several GiB): tch
 # links libtorch_cuda whenever the wheel has it, so the NVIDIA libraries must be there to link,
 # even for `--device tch` on the CPU. A second run finds the installation and only rewrites env.sh.
-#
-# Known problem: with this libtorch, burn and libtorch compile (`--features cuda,tch`), but the
-# final link of the `umae` binary fails with undefined ZSTD_* symbols (zstd-sys); until that is
-# fixed the tch build does not produce a binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,4 +38,4 @@ export PATH="$abs/bin:\$PATH"
 export LD_LIBRARY_PATH="$lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 ENV
 echo "libtorch $version in $abs (libraries: $lib)"
-echo "next: source $dir/env.sh && cargo build --release --features tch"
+echo "next: source $dir/env.sh && CARGO_TARGET_DIR=target/tch cargo build --release --features cuda,tch"

@@ -8,7 +8,7 @@ use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::{Distribution, Tensor};
-use umae_api::{fast, precision, Device, B};
+use umae_api::{fast, Device, B};
 
 /// Linear layer with MAE's initialisation: Xavier-uniform weight, zero bias.
 pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear<B> {
@@ -51,9 +51,24 @@ pub fn linear3(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
 }
 
 /// `x W + b` for `x: [rows, in]`, the product in the current compute precision
-/// ([`umae_api::precision`]); the bias is added in f32.
+/// ([`umae_api::precision`]); the bias is added in f32. One fused operation on the CPU
+/// ([`umae_api::fast::linear`]).
 pub fn dense(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    precision::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+    dense_add(layer, x, None)
+}
+
+/// [`dense`] plus `residual` (`[rows, out]`) when given, in the same operation.
+pub fn dense_add(
+    layer: &Linear<B>,
+    x: Tensor<B, 2>,
+    residual: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    fast::linear(
+        x,
+        layer.weight.val(),
+        layer.bias.as_ref().map(|b| b.val()),
+        residual,
+    )
 }
 
 /// Multi-head self-attention with one fused qkv projection (the layout of timm and MAE).
@@ -75,11 +90,18 @@ impl Attention<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_add(x, None)
+    }
+
+    /// [`Attention::forward`] plus `residual` (`[B, T, D]`) when given, added by the output
+    /// projection ([`dense_add`]).
+    pub fn forward_add(&self, x: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         // Scores, softmax and the weighted sum of every head in one operation
         // ([`umae_api::fast::attention`]), from the qkv rows to the input of the projection.
         let qkv = dense(&self.qkv, x.reshape([b * t, d]));
-        dense(&self.proj, fast::attention(qkv, b, self.heads)).reshape([b, t, d])
+        let residual = residual.map(|r| r.reshape([b * t, d]));
+        dense_add(&self.proj, fast::attention(qkv, b, self.heads), residual).reshape([b, t, d])
     }
 }
 
@@ -92,9 +114,15 @@ pub struct Mlp<B: Backend> {
 
 impl Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_add(x, None)
+    }
+
+    /// [`Mlp::forward`] plus `residual` (`[B, T, D]`) when given, added by the second Linear.
+    pub fn forward_add(&self, x: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let y = fast::gelu(dense(&self.fc1, x.reshape([b * t, d])));
-        dense(&self.fc2, y).reshape([b, t, d])
+        let residual = residual.map(|r| r.reshape([b * t, d]));
+        dense_add(&self.fc2, y, residual).reshape([b, t, d])
     }
 }
 
@@ -122,8 +150,9 @@ impl Block<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(norm(&self.norm1, x));
-        x.clone() + self.mlp.forward(norm(&self.norm2, x))
+        // Each residual add happens inside the branch's last Linear.
+        let x = self.attn.forward_add(norm(&self.norm1, x.clone()), Some(x));
+        self.mlp.forward_add(norm(&self.norm2, x.clone()), Some(x))
     }
 
     /// [`Block::forward`] with stochastic depth: each sample's residual branch is dropped with

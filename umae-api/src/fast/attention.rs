@@ -100,43 +100,27 @@ struct AttnGeometry {
     scale: f32,
 }
 
-/// `dst = beta · lhs · rhs` for row-major strided operands: `dst` is `m × n` with row stride
-/// `dst_rs`, `lhs` is `m × k` and `rhs` is `k × n`, each given as (pointer, row stride, column
-/// stride), so that a transpose is only a swap of strides. One thread: the caller runs one
-/// image per task.
+/// `dst = beta · lhs · rhs` on one thread (the caller runs one image per task); see
+/// [`super::gemm_strided`] for the operands.
 ///
 /// # Safety
-/// Every element the strides reach must lie inside the allocation its pointer belongs to, and
-/// `dst` must not overlap `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
+/// As [`super::gemm_strided`].
 #[inline(always)]
 unsafe fn product(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
     beta: f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
+    super::gemm_strided(
+        dims,
+        (dst, dst_rs),
         false,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        0.0,
+        lhs,
+        rhs,
         beta,
-        false,
-        false,
-        false,
         gemm::Parallelism::None,
     )
 }

@@ -6,23 +6,26 @@
 //! the backward pass, which is then one multiplication, so erf runs once per element per step. The
 //! values are those of the exact GELU (`0.5 x (1 + erf(x / √2))`, the same libm erf); other
 //! devices and dtypes use burn's own GELU. [`layer_norm`] does the same for LayerNorm,
-//! [`attention`] for the core of multi-head self-attention, and [`adamw`] for the optimizer's
-//! update of one parameter tensor.
+//! [`attention`] for the core of multi-head self-attention, [`linear`] for a Linear layer with
+//! its bias and a residual add, and [`adamw`] for the optimizer's update of one parameter
+//! tensor.
 //!
 //! `UMAE_FUSED=0` in the environment turns these kernels off (burn's own operations everywhere),
-//! and `UMAE_FUSED=gelu` (a comma-separated list of `gelu`, `layer_norm`, `attention`, `adamw`)
+//! and `UMAE_FUSED=gelu` (a comma-separated list of `gelu`, `layer_norm`, `attention`, `linear`, `adamw`)
 //! keeps only those on: to measure each in one build, or to rule them out when a result looks
 //! wrong.
 
 mod adamw;
 mod attention;
 mod gelu;
+mod linear;
 mod math;
 mod norm;
 
 pub use adamw::{adamw, AdamWStep};
 pub use attention::attention;
 pub use gelu::gelu;
+pub use linear::linear;
 pub use norm::layer_norm;
 
 use std::sync::OnceLock;
@@ -79,6 +82,47 @@ fn primitive_vec(t: FloatTensor<Inner>) -> Vec<f32> {
     inner_vec(Tensor::<Inner, 1>::from_primitive(TensorPrimitive::Float(
         t,
     )))
+}
+
+/// `dst = [dst +] beta · lhs · rhs` for row-major strided operands: `dst` is `m × n` given as
+/// (pointer, row stride), `lhs` is `m × k` and `rhs` is `k × n`, each given as (pointer, row
+/// stride, column stride), so that a transpose is only a swap of strides. With `accumulate`
+/// the product is added to what `dst` holds.
+///
+/// # Safety
+/// Every element the strides reach must lie inside the allocation its pointer belongs to, and
+/// `dst` must not overlap `lhs` or `rhs`.
+#[inline(always)]
+unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        1,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 pub(crate) mod simd {
