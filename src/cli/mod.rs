@@ -215,6 +215,8 @@ enum Command {
 
 /// Run the command line; returns the process exit code (0 ok, 1 failure, 2 bad input).
 pub fn main() -> ExitCode {
+    // Before any thread starts: freed buffers stay in the heap for the next training step.
+    umae_runtime::memory::keep_freed_memory();
     crate::builtin_plugins();
     let cli = Cli::parse();
     let filter =

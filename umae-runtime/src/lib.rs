@@ -11,6 +11,7 @@ pub mod features;
 pub mod finetune;
 pub mod interop;
 pub mod maskratio;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod parallel;
