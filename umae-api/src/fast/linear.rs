@@ -123,6 +123,43 @@ pub fn linear(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
+/// `lhs · rhs` on all cores as a new row-major `m × n` vector, for operands given as (values,
+/// row stride, column stride) over `m × k` and `k × n`: a transpose is a swap of strides.
+fn product_all_cores(
+    (m, n, k): (usize, usize, usize),
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) -> Vec<f32> {
+    let reach = |(v, rs, cs): (&[f32], usize, usize), r: usize, c: usize| {
+        assert!(
+            r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < v.len(),
+            "product operand out of bounds"
+        )
+    };
+    reach(lhs, m, k);
+    reach(rhs, k, n);
+    if k == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the operands stay inside their slices (checked above) and `out` has room for
+    // m × n values, a fresh allocation; without accumulation gemm writes every output value
+    // without reading it, so the length is set after it has run.
+    unsafe {
+        gemm_strided(
+            (m, n, k),
+            (out.as_mut_ptr(), n),
+            false,
+            (lhs.0.as_ptr(), lhs.1, lhs.2),
+            (rhs.0.as_ptr(), rhs.1, rhs.2),
+            1.0,
+            gemm::Parallelism::Rayon(0),
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
 /// Rows, input width and output width of one [`linear`].
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
@@ -177,40 +214,17 @@ impl<const N: usize> Backward<burn::Dispatch, N> for LinearBackward<N> {
         let shape = |r: usize, c: usize| Shape::new([r, c]);
 
         if let Some(node) = x_node {
-            let mut dx = vec![0.0f32; rows * d_in];
-            // SAFETY: dx is rows × d_in; dy rows × d_out; Wᵀ is read from the d_in × d_out
-            // weights with swapped strides.
-            unsafe {
-                gemm_strided(
-                    (rows, d_in, d_out),
-                    (dx.as_mut_ptr(), d_in),
-                    false,
-                    (dy.as_ptr(), d_out, 1),
-                    (s.weights.as_ptr(), 1, d_out),
-                    1.0,
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
+            // dx = dy Wᵀ: Wᵀ read from the d_in × d_out weights with swapped strides.
+            let dx =
+                product_all_cores((rows, d_in, d_out), (&dy, d_out, 1), (&s.weights, 1, d_out));
             grads.register::<burn::Dispatch>(
                 node.id,
                 host_tensor::<2>(dx, &shape(rows, d_in), &s.device),
             );
         }
         if let Some(node) = w_node {
-            let mut dw = vec![0.0f32; d_in * d_out];
-            // SAFETY: dw is d_in × d_out; xᵀ is read from the rows × d_in input with swapped
-            // strides; dy is rows × d_out.
-            unsafe {
-                gemm_strided(
-                    (d_in, d_out, rows),
-                    (dw.as_mut_ptr(), d_out),
-                    false,
-                    (s.input.as_ptr(), 1, d_in),
-                    (dy.as_ptr(), d_out, 1),
-                    1.0,
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
+            // dW = xᵀ dy: xᵀ read from the rows × d_in input with swapped strides.
+            let dw = product_all_cores((d_in, d_out, rows), (&s.input, 1, d_in), (&dy, d_out, 1));
             grads.register::<burn::Dispatch>(
                 node.id,
                 host_tensor::<2>(dw, &shape(d_in, d_out), &s.device),
@@ -255,18 +269,17 @@ mod tests {
     use super::*;
     use burn::tensor::{Distribution, TensorData, Tolerance};
 
+    /// x, W, the bias and the residual of one test case.
+    type Inputs<'a> = (
+        &'a Tensor<B, 2>,
+        &'a Tensor<B, 2>,
+        Option<&'a Tensor<B, 1>>,
+        Option<&'a Tensor<B, 2>>,
+    );
+
     /// Output and the gradients of every tracked input of `x W (+ b) (+ r)`, fused or through
     /// burn's Linear and add, under a random upstream gradient.
-    fn run(
-        fused: bool,
-        (x, w, b, r): (
-            &Tensor<B, 2>,
-            &Tensor<B, 2>,
-            Option<&Tensor<B, 1>>,
-            Option<&Tensor<B, 2>>,
-        ),
-        upstream: &Tensor<B, 2>,
-    ) -> Vec<TensorData> {
+    fn run(fused: bool, (x, w, b, r): Inputs, upstream: &Tensor<B, 2>) -> Vec<TensorData> {
         let track2 = |t: &Tensor<B, 2>| t.clone().detach().require_grad();
         let (x, w) = (track2(x), track2(w));
         let b = b.map(|b| b.clone().detach().require_grad());

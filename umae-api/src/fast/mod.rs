@@ -11,9 +11,9 @@
 //! tensor.
 //!
 //! `UMAE_FUSED=0` in the environment turns these kernels off (burn's own operations everywhere),
-//! and `UMAE_FUSED=gelu` (a comma-separated list of `gelu`, `layer_norm`, `attention`, `linear`, `adamw`)
-//! keeps only those on: to measure each in one build, or to rule them out when a result looks
-//! wrong.
+//! and `UMAE_FUSED=gelu` (a comma-separated list of `gelu`, `layer_norm`, `attention`,
+//! `linear`, `adamw`) keeps only those on: to measure each in one build, or to rule them out
+//! when a result looks wrong.
 
 mod adamw;
 mod attention;
