@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side CPU benchmark of one MAE training step: umae (flex, and libtorch when the binary
 # was built with --features tch) against PyTorch, alternating the programs ROUNDS times on the
-# two models of docs/performance.md. Prints one line per run.
+# two models of docs/performance.md. Prints one line per run (for PyTorch with its peak RSS).
 #
 #   scripts/bench-cpu.sh [PYTHON] [REFERENCE_SCRIPT]
 #
@@ -25,6 +25,9 @@ models=(
     "fmnist-p7|recipes/mae-fmnist.ron --set encoder.params.patch=7|256|--img 28 --patch 7 --chans 1 --dim 128 --depth 4 --heads 4 --ddim 64 --ddepth 2 --dheads 4"
 )
 extra=()
+# PyTorch's peak memory (the process's maximum RSS) from GNU time, where it is installed.
+timer=""
+if [ -x /usr/bin/time ]; then timer="/usr/bin/time -f peak_rss_kib=%M"; fi
 if "$python" "$reference" --help 2>/dev/null | grep -q -- "--classes"; then extra=(--classes 10); fi
 for round in $(seq "$rounds"); do
     for m in "${models[@]}"; do
@@ -35,7 +38,7 @@ for round in $(seq "$rounds"); do
             echo "round $round  $name  umae-$device  $line"
         done
         # shellcheck disable=SC2086
-        line=$("$python" "$reference" $flags "${extra[@]}" --batch "$batch" --steps "$steps" --threads "$threads" 2>&1 | tail -1)
+        line=$($timer "$python" "$reference" $flags "${extra[@]}" --batch "$batch" --steps "$steps" --threads "$threads" 2>&1 | tail -2 | tr '\n' ' ')
         echo "round $round  $name  pytorch  $line"
     done
 done

@@ -11,12 +11,13 @@ fn main() {
     println!("cargo:rerun-if-env-changed=RUSTC");
     println!("cargo:rerun-if-changed=build.rs");
 
-    // With the `tch` feature this library holds torch-sys's C wrapper around libtorch. rustc
-    // exports only Rust symbols from a dylib, but generic burn-tch code instantiated in the
-    // crates that link this library calls those C functions by name, so they must be exported
+    // With the `tch` feature this library holds torch-sys's C wrapper around libtorch and the
+    // zstd C library (tch reads zip archives). rustc exports only Rust symbols from a dylib, but
+    // generic burn-tch and zstd code instantiated in the crates that link this library (the
+    // binary, burn-store's readers) calls those C functions by name, so they must be exported
     // too. A second version script adds them; lld gives its named patterns precedence over
-    // rustc's `local: *`. (The zstd C library is built with hidden symbols, which no script can
-    // export: burn-store, its user, is linked into this library for that reason.)
+    // rustc's `local: *`. zstd-sys hides its symbols unless ZSTD_SYS_NO_HIDE_SYMBOLS is set
+    // (.cargo/config.toml sets it).
     if std::env::var_os("CARGO_FEATURE_TCH").is_some() {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
         let script = out.join("export-c.map");
@@ -29,6 +30,7 @@ fn main() {
             "ato_*",
             "ats_*",
             "get_and_reset_last_er*",
+            "ZSTD_*",
         ];
         let body: String = patterns.iter().map(|p| format!("    {p};\n")).collect();
         std::fs::write(&script, format!("{{\n  global:\n{body}}};\n"))

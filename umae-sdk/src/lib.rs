@@ -13,9 +13,6 @@
 
 pub use umae_api;
 
-/// burn's PyTorch and safetensors readers, linked here once for the binary and every plugin.
-pub use burn_store;
-
 /// What a plugin must have been built against: this umae-api, this burn and this rustc.
 pub const ABI: &str = concat!(
     "umae-api ",
