@@ -9,7 +9,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{Shape, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{enabled, gemm_strided, host_tensor, primitive_vec, CHUNK};
+use super::{fused_cpu_f32, gemm_strided, host_tensor, primitive_vec, CHUNK};
 use crate::precision::{self, Precision};
 use crate::{Device, B};
 
@@ -36,13 +36,11 @@ pub fn linear(
         d_in, w_in,
         "linear: input [{rows}, {d_in}] does not match weight [{w_in}, {d_out}]"
     );
-    let cpu = |t: &Tensor<B, 2>| super::fused_cpu_f32("linear", t);
-    let fused = enabled("linear")
-        && cpu(&x)
+    // fused_cpu_f32 also checks that the kernel is enabled.
+    let cpu = |t: &Tensor<B, 2>| fused_cpu_f32("linear", t);
+    let fused = cpu(&x)
         && cpu(&weight)
-        && bias
-            .as_ref()
-            .is_none_or(|b| super::fused_cpu_f32("linear", b))
+        && bias.as_ref().is_none_or(|b| fused_cpu_f32("linear", b))
         && residual.as_ref().is_none_or(cpu)
         && precision::current() == Precision::F32;
     if !fused {
