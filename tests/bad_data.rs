@@ -93,7 +93,7 @@ fn empty_class_folders_and_labels_out_of_range_are_refused_before_training() {
     std::fs::create_dir_all(root.join("train/empty")).unwrap();
     let out = tmp.path().join("run");
     let o = train(&root, &out, &["--set", "data.num_classes=3"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("class folder") && text(&o).contains("empty holds no .png/.jpg images"),
         "{}",
@@ -103,7 +103,7 @@ fn empty_class_folders_and_labels_out_of_range_are_refused_before_training() {
     std::fs::remove_dir(root.join("train/empty")).unwrap();
 
     let o = train(&root, &out, &["--set", "data.num_classes=1"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("has 2 class folders, but data.num_classes is 1"),
         "{}",
@@ -120,7 +120,7 @@ fn empty_class_folders_and_labels_out_of_range_are_refused_before_training() {
             "--set",
             "data.num_classes=5",
         ]);
-        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
         assert!(
             text(&o).contains("has labels up to 9, but data.num_classes is 5"),
             "{}",

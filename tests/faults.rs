@@ -78,3 +78,35 @@ fn nan_stops_the_run_naming_the_term_or_is_skipped_up_to_the_limit() {
     assert_eq!(log.matches("step skipped, no update").count(), 2, "{log}");
     assert!(log.contains("after 2 skipped step(s)"), "{log}");
 }
+
+#[test]
+fn replicas_check_every_step_and_skip_on_every_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let mut a: Vec<String> = vec!["run".into(), "recipes/mae-fmnist.ron".into()];
+    a.extend(["--output".into(), dir.display().to_string()]);
+    a.extend(tiny());
+    a.extend(["--set".into(), "train.batch_size=16".into()]);
+    a.extend(["--set".into(), "train.epochs=1".into()]);
+    a.extend(["--device".into(), "cpu,cpu".into()]);
+    let o = umae_run(&a);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let mut a: Vec<String> = vec!["run".into(), "--resume".into(), dir.display().to_string()];
+    for s in [
+        "train.epochs=3",
+        "optimizer.blr=1e12",
+        "schedule.warmup_epochs=0.0",
+        "train.skip_nonfinite=2",
+    ] {
+        a.extend(["--set".into(), s.into()]);
+    }
+    a.extend(["--device".into(), "cpu,cpu".into()]);
+    let o = umae_run(&a);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let log = text(&o);
+    // Skipping needs every replica to drop its gradients; before, two devices stopped at once.
+    assert_eq!(log.matches("step skipped, no update").count(), 2, "{log}");
+    assert!(log.contains("after 2 skipped step(s)"), "{log}");
+    assert!(log.contains("on 2 device(s)"), "{log}");
+}

@@ -40,7 +40,12 @@ fn an_existing_run_is_replaced_only_with_force() {
     let before = std::fs::read(dir.join("metrics.jsonl")).unwrap();
 
     let o = train(&dir, 1, &[]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an occupied run directory is bad input: {}",
+        text(&o)
+    );
     assert!(
         text(&o).contains("already holds a run") && text(&o).contains("--force"),
         "{}",
@@ -76,7 +81,12 @@ fn bad_outputs_and_datasets_are_refused_before_anything_is_written() {
     let file = tmp.path().join("a-file");
     std::fs::write(&file, "keep").unwrap();
     let o = train(&file, 1, &[]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an --output that is a file is bad input: {}",
+        text(&o)
+    );
     assert!(
         text(&o).contains("is a file, not a directory"),
         "{}",
@@ -85,7 +95,12 @@ fn bad_outputs_and_datasets_are_refused_before_anything_is_written() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
 
     let o = train(&file.join("run"), 1, &[]);
-    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an --output under a file is bad input: {}",
+        text(&o)
+    );
     assert!(text(&o).contains("a-file"), "{}", text(&o));
 
     let dir = tmp.path().join("never");
@@ -97,7 +112,12 @@ fn bad_outputs_and_datasets_are_refused_before_anything_is_written() {
         "--set",
         "data.root=/nonexistent/fashion-mnist",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a missing data root is bad input: {}",
+        text(&o)
+    );
     assert!(
         !dir.exists(),
         "no run directory for a dataset that does not open"

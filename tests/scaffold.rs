@@ -217,3 +217,28 @@ fn new_plugin_has_a_template_for_every_kind() {
         assert!(lib.contains(&format!("--kind {kind}")), "{lib}");
     }
 }
+
+#[test]
+fn help_texts_describe_what_the_commands_take() {
+    let o = run(&["new-plugin", "--help"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let help = text(&o);
+    for kind in ["masker", "encoder", "decoder", "target", "regularizer"] {
+        assert!(
+            help.contains(kind),
+            "new-plugin --help names {kind}: {help}"
+        );
+    }
+    let o = run(&["export", "--help"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let help = text(&o);
+    for used in ["--checkpoint", "--set", "--device", "--format", "--output"] {
+        assert!(help.contains(used), "export --help lists {used}: {help}");
+    }
+    for unused in ["--pool", "--encode-batch", "--no-cache", "--json"] {
+        assert!(
+            !help.contains(unused),
+            "export does nothing with {unused}: {help}"
+        );
+    }
+}

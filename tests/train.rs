@@ -85,7 +85,7 @@ fn u_mae_trains_writes_metrics_and_checkpoints() {
     // A second run into the same directory is refused, and nothing there changes.
     let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
     let o = train(&out, "recipes/u-mae-fmnist.ron", 2);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--resume"), "{}", text(&o));
     assert_eq!(before, std::fs::read(out.join("metrics.jsonl")).unwrap());
 }
@@ -175,7 +175,7 @@ fn missing_dataset_says_how_to_get_it() {
         "--set",
         "data.root=/nonexistent/fashion-mnist",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("no IDX files"), "{}", text(&o));
 }
 

@@ -3,14 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use umae_runtime::analyze::{self, MaskRatioSpec, RankPoint, TsneResult};
-use umae_runtime::features::Pool;
-use umae_runtime::maskratio::{MaskRatioStudy, PatchDistance};
-use umae_runtime::plot::{self, Series};
-use umae_runtime::tsne::TsneSpec;
+use umae_runtime::analysis::maskratio::{MaskRatioStudy, PatchDistance};
+use umae_runtime::analysis::plot::{self, Series};
+use umae_runtime::analysis::tsne::TsneSpec;
+use umae_runtime::analysis::{self, MaskRatioSpec, RankPoint, TsneResult};
+use umae_runtime::eval::features::Pool;
 
-use super::eval::{load, map_load, SourceArgs};
-use super::Failure;
+use super::eval::{load, SourceArgs};
+use super::Error;
 
 #[derive(Subcommand)]
 pub enum AnalyzeCommand {
@@ -71,15 +71,15 @@ pub enum AnalyzeCommand {
     },
 }
 
-fn pool_of(s: &SourceArgs) -> Result<Pool, Failure> {
-    Pool::parse(&s.pool).map_err(Failure::Input)
+fn pool_of(s: &SourceArgs) -> Result<Pool, Error> {
+    Pool::parse(&s.pool).map_err(Error::command_line)
 }
 
-fn out_dir(loaded: &umae_runtime::source::Loaded) -> PathBuf {
-    analyze::analysis_dir(loaded.run_dir.as_deref(), &loaded.recipe.name)
+fn out_dir(loaded: &umae_runtime::checkpoint::source::Loaded) -> PathBuf {
+    analysis::analysis_dir(loaded.run_dir.as_deref(), &loaded.recipe.name)
 }
 
-pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
+pub fn run(cmd: AnalyzeCommand) -> Result<(), Error> {
     match cmd {
         AnalyzeCommand::Rank {
             source,
@@ -88,14 +88,13 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
         } => {
             let pool = pool_of(&source)?;
             if samples < 2 {
-                return Err(Failure::Input("--samples must be at least 2".into()));
+                return Err(Error::command_line("--samples must be at least 2"));
             }
-            let (recipe, _, _) = umae_runtime::source::resolve(
+            let (recipe, _, _) = umae_runtime::checkpoint::source::resolve(
                 &source.source,
                 source.checkpoint.as_deref(),
                 &source.sets,
-            )
-            .map_err(map_load)?;
+            )?;
             let device = super::device_for(source.device.as_deref(), &recipe)?;
             if !source.json {
                 println!(
@@ -103,7 +102,7 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
                     "checkpoint", "epoch", "step", "erank"
                 );
             }
-            let (run_dir, points) = analyze::rank_series(
+            let (run_dir, points) = analysis::rank_series(
                 &source.source,
                 source.checkpoint.as_deref(),
                 !last,
@@ -129,14 +128,13 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
                         );
                     }
                 },
-            )
-            .map_err(map_load)?;
-            let path = analyze::analysis_dir(run_dir.as_deref(), &recipe.name).join("rank.json");
-            analyze::write_json(&path, &points).map_err(Failure::Run)?;
+            )?;
+            let path = analysis::analysis_dir(run_dir.as_deref(), &recipe.name).join("rank.json");
+            analysis::write_json(&path, &points).map_err(Error::Failed)?;
             if source.json {
                 println!(
                     "{}",
-                    serde_json::to_string(&points).map_err(|e| Failure::Run(e.to_string()))?
+                    serde_json::to_string(&points).map_err(|e| Error::Failed(e.to_string()))?
                 );
             } else {
                 println!("wrote {}", path.display());
@@ -155,18 +153,20 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
                 "max" => PatchDistance::Max,
                 "mean" => PatchDistance::Mean,
                 d => {
-                    return Err(Failure::Input(format!(
+                    return Err(Error::command_line(format!(
                         "unknown distance `{d}`: use max or mean"
                     )))
                 }
             };
             if classes < 2 || per_class < 2 || ratios.is_empty() {
-                return Err(Failure::Input(
-                    "need --classes >= 2, --per-class >= 2 and at least one ratio".into(),
+                return Err(Error::command_line(
+                    "need --classes >= 2, --per-class >= 2 and at least one ratio",
                 ));
             }
             if let Some(r) = ratios.iter().find(|r| !(0.0..1.0).contains(*r)) {
-                return Err(Failure::Input(format!("mask ratio {r} is outside [0, 1)")));
+                return Err(Error::command_line(format!(
+                    "mask ratio {r} is outside [0, 1)"
+                )));
             }
             let (loaded, _) = load(&source)?;
             let spec = MaskRatioSpec {
@@ -177,13 +177,13 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
                 distance,
                 seed: loaded.recipe.seed,
             };
-            let study = analyze::mask_ratio(&loaded, &spec).map_err(Failure::Run)?;
+            let study = analysis::mask_ratio(&loaded, &spec)?;
             let path = out_dir(&loaded).join("mask-ratio.json");
-            analyze::write_json(&path, &study).map_err(Failure::Run)?;
+            analysis::write_json(&path, &study).map_err(Error::Failed)?;
             if source.json {
                 println!(
                     "{}",
-                    serde_json::to_string(&study).map_err(|e| Failure::Run(e.to_string()))?
+                    serde_json::to_string(&study).map_err(|e| Error::Failed(e.to_string()))?
                 );
             } else {
                 println!(
@@ -226,10 +226,9 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
                 seed: loaded.recipe.seed,
                 ..TsneSpec::default()
             };
-            let r =
-                analyze::tsne_of(&loaded, samples, pool, &spec, &device).map_err(Failure::Input)?;
+            let r = analysis::tsne_of(&loaded, samples, pool, &spec, &device)?;
             let path = out_dir(&loaded).join("tsne.json");
-            analyze::write_json(&path, &r).map_err(Failure::Run)?;
+            analysis::write_json(&path, &r).map_err(Error::Failed)?;
             println!(
                 "t-SNE of {} points of {} -> {}",
                 r.points.len(),
@@ -244,7 +243,7 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
             output,
         } => {
             let (mut loaded, device) = load(&source)?;
-            analyze::load_decoder(&mut loaded, &device).map_err(Failure::Input)?;
+            analysis::load_decoder(&mut loaded, &device).map_err(Error::command_line)?;
             let path = output.unwrap_or_else(|| {
                 out_dir(&loaded)
                     .parent()
@@ -252,14 +251,13 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Failure> {
                     .unwrap_or_else(|| PathBuf::from("figures"))
                     .join("reconstruction.png")
             });
-            analyze::reconstruction_figure(
+            analysis::reconstruction_figure(
                 &loaded,
                 images.max(1),
                 loaded.recipe.seed,
                 &path,
                 &device,
-            )
-            .map_err(Failure::Run)?;
+            )?;
             println!(
                 "wrote {} (rows: original, masked, reconstruction)",
                 path.display()
@@ -302,12 +300,12 @@ fn curve(rows: &[serde_json::Value], kind: &str, x: &str, y: &str) -> Vec<(f64, 
 }
 
 /// Make every figure the run directories have data for; returns the files written.
-pub fn plot_runs(runs: &[PathBuf], out: &Path, names: &[String]) -> Result<Vec<PathBuf>, Failure> {
+pub fn plot_runs(runs: &[PathBuf], out: &Path, names: &[String]) -> Result<Vec<PathBuf>, Error> {
     let mut metrics = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         let path = r.join("metrics.jsonl");
         if !path.exists() {
-            return Err(Failure::Input(format!(
+            return Err(Error::command_line(format!(
                 "{} has no metrics.jsonl: is it a run directory?",
                 r.display()
             )));
@@ -317,10 +315,14 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path, names: &[String]) -> Result<Vec<P
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
-        metrics.push((label, read_jsonl(&path).map_err(Failure::Input)?, r.clone()));
+        metrics.push((
+            label,
+            read_jsonl(&path).map_err(Error::command_line)?,
+            r.clone(),
+        ));
     }
     std::fs::create_dir_all(out)
-        .map_err(|e| Failure::Run(format!("cannot create {}: {e}", out.display())))?;
+        .map_err(|e| Error::Failed(format!("cannot create {}: {e}", out.display())))?;
     let mut written = Vec::new();
     let series = |kind: &str, x: &str, y: &str| -> Vec<Series> {
         metrics
@@ -329,9 +331,9 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path, names: &[String]) -> Result<Vec<P
             .filter(|s| !s.1.is_empty())
             .collect()
     };
-    let mut emit = |file: &str, f: &dyn Fn(&Path) -> Result<(), String>| -> Result<(), Failure> {
+    let mut emit = |file: &str, f: &dyn Fn(&Path) -> Result<(), String>| -> Result<(), Error> {
         let p = out.join(file);
-        f(&p).map_err(Failure::Run)?;
+        f(&p).map_err(Error::Failed)?;
         written.push(p);
         Ok(())
     };
@@ -387,7 +389,7 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path, names: &[String]) -> Result<Vec<P
     let mut spectra: Vec<Series> = Vec::new();
     for (n, _, dir) in &metrics {
         let ranks: Option<Vec<RankPoint>> =
-            read_opt(&dir.join("analysis/rank.json")).map_err(Failure::Input)?;
+            read_opt(&dir.join("analysis/rank.json")).map_err(Error::command_line)?;
         if let Some(ranks) = ranks {
             if !erank.iter().any(|s| &s.0 == n) {
                 erank.push((
@@ -434,9 +436,9 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path, names: &[String]) -> Result<Vec<P
     }
     for (n, _, dir) in &metrics {
         let study: Option<MaskRatioStudy> =
-            read_opt(&dir.join("analysis/mask-ratio.json")).map_err(Failure::Input)?;
+            read_opt(&dir.join("analysis/mask-ratio.json")).map_err(Error::command_line)?;
         if let Some(s) = study {
-            let pts = |f: &dyn Fn(&umae_runtime::maskratio::RatioRow) -> f64| -> Vec<(f64, f64)> {
+            let pts = |f: &dyn Fn(&umae_runtime::analysis::maskratio::RatioRow) -> f64| -> Vec<(f64, f64)> {
                 s.rows.iter().map(|r| (r.ratio, f(r))).collect()
             };
             let dist = vec![
@@ -475,7 +477,7 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path, names: &[String]) -> Result<Vec<P
     let mut tsne_panels = Vec::new();
     for (n, _, dir) in &metrics {
         let t: Option<TsneResult> =
-            read_opt(&dir.join("analysis/tsne.json")).map_err(Failure::Input)?;
+            read_opt(&dir.join("analysis/tsne.json")).map_err(Error::command_line)?;
         if let Some(t) = t {
             tsne_panels.push((n.clone(), t.points));
         }

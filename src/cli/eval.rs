@@ -4,16 +4,16 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use umae_runtime::features::{self, Pool};
-use umae_runtime::finetune::{self, FinetuneSpec};
-use umae_runtime::probe::{self, KnnSpec, LinearSpec, ProbeOptimizer};
-use umae_runtime::source::{self, LoadError, Loaded};
+use umae_runtime::checkpoint::source::{self, Loaded};
+use umae_runtime::eval::features::{self, Pool};
+use umae_runtime::eval::finetune::{self, FinetuneSpec};
+use umae_runtime::eval::linear::{self, KnnSpec, LinearSpec, ProbeOptimizer};
 
-use super::Failure;
+use super::Error;
 
-/// Where the encoder comes from and which images to use.
+/// Where the encoder comes from.
 #[derive(Args, Clone)]
-pub struct SourceArgs {
+pub struct ModelArgs {
     /// A run directory (latest checkpoint), a checkpoint directory, or a recipe (initial weights;
     /// e.g. recipes/pixels-fmnist.ron for the raw-pixel baseline).
     pub source: PathBuf,
@@ -23,12 +23,19 @@ pub struct SourceArgs {
     /// Override a field of the run's recipe, e.g. `--set data.train_limit=None` (repeatable).
     #[arg(long = "set", value_name = "PATH=VALUE")]
     pub sets: Vec<String>,
-    /// Feature: cls, mean or model (the encoder's own `pool` parameter).
-    #[arg(long, default_value = "model")]
-    pub pool: String,
     /// cpu, cuda, cuda:N or tch (default: the recipe's `device`, else cpu).
     #[arg(long)]
     pub device: Option<String>,
+}
+
+/// Where the encoder comes from and how its features are taken.
+#[derive(Args, Clone)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Feature: cls, mean or model (the encoder's own `pool` parameter).
+    #[arg(long, default_value = "model")]
+    pub pool: String,
     /// Images per encoding batch.
     #[arg(long, default_value_t = 256)]
     pub encode_batch: usize,
@@ -95,27 +102,25 @@ pub enum EvalCommand {
     },
 }
 
-pub fn load(a: &SourceArgs) -> Result<(Loaded, umae_api::Device), Failure> {
-    let (recipe, run_dir, ckpt) =
-        source::resolve(&a.source, a.checkpoint.as_deref(), &a.sets).map_err(map_load)?;
-    let device = super::device_for(a.device.as_deref(), &recipe)?;
-    let loaded = source::load_resolved(recipe, run_dir, ckpt, &device).map_err(map_load)?;
-    Ok((loaded, device))
-}
-
-pub fn map_load(e: LoadError) -> Failure {
-    match e {
-        LoadError::Input(m) => Failure::Input(m),
-        LoadError::Run(m) => Failure::Run(m),
+/// The model fields of [`SourceArgs`] read as its own (`args.source`, `args.device`).
+impl std::ops::Deref for SourceArgs {
+    type Target = ModelArgs;
+    fn deref(&self) -> &ModelArgs {
+        &self.model
     }
 }
 
-fn feature_set(
-    a: &SourceArgs,
-) -> Result<(Loaded, umae_api::Device, features::FeatureSet), Failure> {
-    let pool = Pool::parse(&a.pool).map_err(Failure::Input)?;
+pub fn load(a: &ModelArgs) -> Result<(Loaded, umae_api::Device), Error> {
+    let (recipe, run_dir, ckpt) = source::resolve(&a.source, a.checkpoint.as_deref(), &a.sets)?;
+    let device = super::device_for(a.device.as_deref(), &recipe)?;
+    let loaded = source::load_resolved(recipe, run_dir, ckpt, &device)?;
+    Ok((loaded, device))
+}
+
+fn feature_set(a: &SourceArgs) -> Result<(Loaded, umae_api::Device, features::FeatureSet), Error> {
+    let pool = Pool::parse(&a.pool).map_err(Error::command_line)?;
     if a.encode_batch == 0 {
-        return Err(Failure::Input("--encode-batch must be at least 1".into()));
+        return Err(Error::command_line("--encode-batch must be at least 1"));
     }
     let (loaded, device) = load(a)?;
     let d = &loaded.recipe.data;
@@ -127,20 +132,19 @@ fn feature_set(
         a.encode_batch,
         &device,
         !a.no_cache,
-    )
-    .map_err(Failure::Run)?;
+    )?;
     Ok((loaded, device, fs))
 }
 
 /// Append a result row to `<run>/eval.jsonl` when the source is a run.
-fn record(loaded: &Loaded, row: &serde_json::Value) -> Result<(), Failure> {
+fn record(loaded: &Loaded, row: &serde_json::Value) -> Result<(), Error> {
     if let Some(dir) = &loaded.run_dir {
-        umae_runtime::train::append_jsonl(&dir.join("eval.jsonl"), row).map_err(Failure::Run)?;
+        umae_runtime::train::append_jsonl(&dir.join("eval.jsonl"), row).map_err(Error::Failed)?;
     }
     Ok(())
 }
 
-pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
+pub fn run(cmd: EvalCommand) -> Result<(), Error> {
     match cmd {
         EvalCommand::Linear {
             source,
@@ -154,13 +158,13 @@ pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
                 "lars" => ProbeOptimizer::Lars,
                 "sgd" => ProbeOptimizer::Sgd,
                 o => {
-                    return Err(Failure::Input(format!(
+                    return Err(Error::command_line(format!(
                         "unknown optimizer `{o}`: use lars or sgd"
                     )))
                 }
             };
             if epochs == 0 || batch == 0 || blr.is_nan() || blr <= 0.0 || warmup > epochs {
-                return Err(Failure::Input(format!(
+                return Err(Error::command_line(format!(
                     "need epochs >= 1, batch >= 1, blr > 0 and warmup <= epochs (got {epochs}, {batch}, {blr}, {warmup})"
                 )));
             }
@@ -173,8 +177,8 @@ pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
                 ..LinearSpec::default()
             };
             let (loaded, device, fs) = feature_set(&source)?;
-            let r = probe::linear_probe(&fs.train, &fs.test, fs.classes, &spec, &device)
-                .map_err(Failure::Run)?;
+            let r = linear::linear_probe(&fs.train, &fs.test, fs.classes, &spec, &device)
+                .map_err(Error::Failed)?;
             let row = json!({
                 "kind": "linear", "model": loaded.label, "step": loaded.step,
                 "pool": source.pool, "train_images": fs.train.n, "test_images": fs.test.n,
@@ -213,7 +217,7 @@ pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
         } => {
             if blr.is_nan() || blr <= 0.0 || warmup > epochs || !(0.0..=1.0).contains(&layer_decay)
             {
-                return Err(Failure::Input(format!(
+                return Err(Error::command_line(format!(
                     "need blr > 0, warmup <= epochs and layer_decay in [0, 1] (got {blr}, {warmup}, {layer_decay})"
                 )));
             }
@@ -240,8 +244,7 @@ pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
                         r.test.top5 * 100.0
                     );
                 }
-            })
-            .map_err(Failure::Input)?;
+            })?;
             let last = rows.last().expect("at least one epoch");
             let row = json!({
                 "kind": "finetune", "model": loaded.label, "step": loaded.step, "spec": spec,
@@ -260,8 +263,8 @@ pub fn run(cmd: EvalCommand) -> Result<(), Failure> {
         } => {
             let spec = KnnSpec { k, temperature };
             let (loaded, device, fs) = feature_set(&source)?;
-            let a = probe::knn(&fs.train, &fs.test, fs.classes, &spec, &device)
-                .map_err(Failure::Input)?;
+            let a = linear::knn(&fs.train, &fs.test, fs.classes, &spec, &device)
+                .map_err(Error::command_line)?;
             let row = json!({
                 "kind": "knn", "model": loaded.label, "step": loaded.step,
                 "pool": source.pool, "train_images": fs.train.n, "test_images": fs.test.n,

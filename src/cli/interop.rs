@@ -5,17 +5,17 @@ use std::path::PathBuf;
 use umae_api::recipe::Recipe;
 use umae_runtime::{checkpoint, interop, model::Model};
 
-use super::eval::{load, SourceArgs};
-use super::Failure;
+use super::eval::{load, ModelArgs};
+use super::Error;
 
-pub fn export(source: SourceArgs, format: &str, output: Option<PathBuf>) -> Result<(), Failure> {
+pub fn export(source: ModelArgs, format: &str, output: Option<PathBuf>) -> Result<(), Error> {
     if format != "timm" {
-        return Err(Failure::Input(format!(
+        return Err(Error::command_line(format!(
             "unknown export format `{format}` (available: timm)"
         )));
     }
     let (loaded, _) = load(&source)?;
-    let state = interop::to_timm(&loaded.model).map_err(Failure::Input)?;
+    let state = interop::to_timm(&loaded.model).map_err(Error::command_line)?;
     let path = output.unwrap_or_else(|| {
         let base = match &loaded.run_dir {
             Some(r) => r.join("export"),
@@ -28,7 +28,7 @@ pub fn export(source: SourceArgs, format: &str, output: Option<PathBuf>) -> Resu
     });
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
-            .map_err(|e| Failure::Run(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
     }
     let g = loaded.model.geometry;
     let dim = loaded.model.encoder.dim();
@@ -46,9 +46,9 @@ pub fn export(source: SourceArgs, format: &str, output: Option<PathBuf>) -> Resu
         &state,
         &[("format", "pt"), ("umae.timm_args", &arch)],
     )
-    .map_err(Failure::Run)?;
+    .map_err(Error::Failed)?;
     std::fs::rename(&tmp, &path)
-        .map_err(|e| Failure::Run(format!("cannot move {} into place: {e}", path.display())))?;
+        .map_err(|e| Error::Failed(format!("cannot move {} into place: {e}", path.display())))?;
     println!(
         "wrote {} ({} tensors, timm VisionTransformer layout). In Python:\n  \
          m = timm.models.vision_transformer.VisionTransformer(img_size={}, patch_size={}, in_chans={}, embed_dim={dim}, depth={depth}, num_heads=<heads>, num_classes=0)\n  \
@@ -68,13 +68,14 @@ pub fn import(
     recipe: PathBuf,
     sets: Vec<String>,
     output: PathBuf,
-) -> Result<(), Failure> {
-    let r = Recipe::load(&recipe, &sets).map_err(|e| Failure::Input(e.to_string()))?;
-    let device = umae_runtime::parse_device("cpu").map_err(Failure::Input)?;
-    let state = interop::read_state_dict(&file).map_err(Failure::Input)?;
-    let mut model = Model::build(&r, &device).map_err(|e| Failure::Input(e.to_string()))?;
-    let ignored = interop::load_timm(&mut model, &state, &device, &file).map_err(Failure::Input)?;
-    umae_runtime::train::start_run_from(&r, &model, &output).map_err(Failure::Input)?;
+) -> Result<(), Error> {
+    let r = Recipe::load(&recipe, &sets).map_err(Error::from)?;
+    let device = umae_runtime::parse_device("cpu").map_err(Error::command_line)?;
+    let state = interop::read_state_dict(&file).map_err(Error::command_line)?;
+    let mut model = Model::build(&r, &device).map_err(Error::from)?;
+    let ignored =
+        interop::load_timm(&mut model, &state, &device, &file).map_err(Error::command_line)?;
+    umae_runtime::train::start_run_from(&r, &model, &output)?;
     println!(
         "imported {} tensors of {} into {} (checkpoint epoch-0000){}",
         state.len() - ignored.len(),

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use umae_api::recipe::Recipe;
 use umae_api::registry::{self, PluginKind};
-use umae_runtime::{bench, model::Model, parse_device, RunOptions};
+use umae_runtime::{bench, model::Model, parse_device, Error, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +54,7 @@ struct NodeArgs {
 }
 
 impl NodeArgs {
-    fn resolve(&self) -> Result<Option<umae_runtime::parallel::Nodes>, String> {
+    fn resolve(&self) -> Result<Option<umae_runtime::exec::nodes::Nodes>, String> {
         match (
             self.nodes,
             self.node_rank,
@@ -62,10 +62,7 @@ impl NodeArgs {
             &self.node_address,
         ) {
             (Some(count), Some(rank), Some(orch), Some(addr)) => {
-                let nodes = umae_runtime::parallel::Nodes::new(count, rank, orch, addr)?;
-                if std::env::var_os("UMAE_EXPERIMENTAL_MULTI_NODE").is_none() {
-                    return Err(umae_runtime::parallel::MULTI_NODE_BLOCKED.to_string());
-                }
+                let nodes = umae_runtime::exec::nodes::Nodes::new(count, rank, orch, addr)?;
                 Ok(Some(nodes))
             }
             _ => Ok(None),
@@ -75,7 +72,8 @@ impl NodeArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a new dynamic plugin crate (masker, target or regularizer) with one test.
+    /// Write a new dynamic plugin crate (masker, encoder, decoder, target or regularizer) with
+    /// one test.
     NewPlugin {
         /// Plugin name, e.g. `my-term` (lowercase letters, digits, dashes).
         name: String,
@@ -155,7 +153,7 @@ enum Command {
     /// a safetensors state dict with timm VisionTransformer names and layouts.
     Export {
         #[command(flatten)]
-        source: eval::SourceArgs,
+        source: eval::ModelArgs,
         /// Output layout (timm).
         #[arg(long, default_value = "timm")]
         format: String,
@@ -227,53 +225,48 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    for p in &cli.plugins {
-        if let Err(e) = umae_runtime::plugins::load(p) {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    }
-    match dispatch(cli.command) {
+    let result = cli
+        .plugins
+        .iter()
+        .try_for_each(|p| {
+            umae_runtime::plugins::load(p)
+                .map(drop)
+                .map_err(Error::plugin)
+        })
+        .and_then(|()| dispatch(cli.command));
+    exit(result)
+}
+
+/// The one place where errors become exit codes: 2 for bad input, 1 for a failure while
+/// working, 130 for an interrupt (README.md, "Exit codes").
+fn exit(result: Result<(), Error>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Input(m)) => {
-            eprintln!("error: {m}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Run(m)) => {
-            eprintln!("error: {m}");
-            ExitCode::from(1)
-        }
-        Err(Failure::Interrupted(m)) => {
-            eprintln!("{m}");
-            ExitCode::from(130)
+        Err(e) => {
+            match &e {
+                Error::Interrupted(m) => eprintln!("{m}"),
+                other => eprintln!("error: {other}"),
+            }
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-pub(crate) enum Failure {
-    /// Bad recipe, command line or data: the user must change something.
-    Input(String),
-    /// Failed while working.
-    Run(String),
-    /// Stopped by SIGINT or SIGTERM after saving its work.
-    Interrupted(String),
+fn load(path: &Path, sets: &[String]) -> Result<Recipe, Error> {
+    Recipe::load(path, sets).map_err(Error::from)
 }
 
-fn load(path: &Path, sets: &[String]) -> Result<Recipe, Failure> {
-    Recipe::load(path, sets).map_err(|e| Failure::Input(e.to_string()))
-}
-
-pub(crate) fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api::Device, Failure> {
+pub(crate) fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api::Device, Error> {
     let name = flag.or(recipe.device.as_deref()).unwrap_or("cpu");
-    parse_device(name).map_err(Failure::Input)
+    parse_device(name).map_err(Error::command_line)
 }
 
-fn dispatch(command: Command) -> Result<(), Failure> {
+fn dispatch(command: Command) -> Result<(), Error> {
     match command {
         Command::Plugins { kind } => plugins(kind.as_deref()),
         Command::Orchestrator { port } => {
             println!("orchestrator listening on port {port} (Ctrl-C to stop)");
-            umae_runtime::parallel::orchestrator(port).map_err(Failure::Run)
+            umae_runtime::exec::nodes::orchestrator(port).map_err(Error::Failed)
         }
         Command::NewPlugin { name, kind, output } => scaffold::new_plugin(&name, &kind, output),
         Command::Eval(cmd) => eval::run(cmd),
@@ -296,8 +289,8 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         } => {
             let files = analyze::plot_runs(&runs, &output, &names)?;
             if files.is_empty() {
-                return Err(Failure::Input(
-                    "the runs have nothing to plot yet (no metrics rows)".into(),
+                return Err(Error::command_line(
+                    "the runs have nothing to plot yet (no metrics rows)",
                 ));
             }
             for f in files {
@@ -307,12 +300,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Check { recipe, json } => {
             let r = load(&recipe.recipe, &recipe.sets)?;
-            let device = parse_device("cpu").map_err(Failure::Input)?;
-            let model = Model::build(&r, &device).map_err(|e| Failure::Input(e.to_string()))?;
+            let device = parse_device("cpu").map_err(Error::command_line)?;
+            let model = Model::build(&r, &device).map_err(Error::from)?;
             let report = model.report();
             if json {
                 let mut v =
-                    serde_json::to_value(&report).map_err(|e| Failure::Run(e.to_string()))?;
+                    serde_json::to_value(&report).map_err(|e| Error::Failed(e.to_string()))?;
                 v["trainable"] = report.trainable().into();
                 v["fixed"] = report.fixed().into();
                 println!("{v}");
@@ -341,7 +334,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 Some(dir) => {
                     let path = dir.join("recipe.ron");
                     if !path.exists() {
-                        return Err(Failure::Input(format!(
+                        return Err(Error::command_line(format!(
                             "{} is not a run directory (no recipe.ron)",
                             dir.display()
                         )));
@@ -357,7 +350,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 }
             };
             let name = device.as_deref().or(r.device.as_deref()).unwrap_or("cpu");
-            let mut devices = umae_runtime::parse_devices(name).map_err(Failure::Input)?;
+            let mut devices = umae_runtime::parse_devices(name).map_err(Error::command_line)?;
             let device = devices.remove(0);
             let summary = umae_runtime::run(
                 &r,
@@ -365,14 +358,13 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     run_dir: run_dir.clone(),
                     device,
                     parallel: devices,
-                    nodes: nodes.resolve().map_err(Failure::Input)?,
+                    nodes: nodes.resolve().map_err(Error::command_line)?,
                     resume,
                     force,
                 },
-            )
-            .map_err(Failure::Run)?;
+            )?;
             if let Some(name) = &summary.interrupted {
-                return Err(Failure::Interrupted(format!(
+                return Err(Error::Interrupted(format!(
                     "stopped after step {}: checkpoint {name} written; continue with `umae run --resume {}`",
                     summary.steps,
                     run_dir.display()
@@ -419,15 +411,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let device = device_for(device.as_deref(), &r)?;
             let batch = batch.unwrap_or(r.train.batch_size);
             if batch == 0 || steps == 0 {
-                return Err(Failure::Input(
-                    "--batch and --steps must be at least 1".into(),
+                return Err(Error::command_line(
+                    "--batch and --steps must be at least 1",
                 ));
             }
-            let res = bench::bench(&r, &device, batch, steps, warmup).map_err(Failure::Run)?;
+            let res = bench::bench(&r, &device, batch, steps, warmup)?;
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string(&res).map_err(|e| Failure::Run(e.to_string()))?
+                    serde_json::to_string(&res).map_err(|e| Error::Failed(e.to_string()))?
                 );
             } else {
                 println!(
@@ -451,9 +443,9 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let name = device.as_deref().or(r.device.as_deref()).unwrap_or("cpu");
             let device = device_for(Some(name), &r)?;
             if batch == 0 {
-                return Err(Failure::Input("--batch must be at least 1".into()));
+                return Err(Error::command_line("--batch must be at least 1"));
             }
-            let c = bench::device_check(&r, &device, batch).map_err(Failure::Run)?;
+            let c = bench::device_check(&r, &device, batch)?;
             let (f, h) = c.errors();
             println!("{}: one training step, batch {batch}, total loss", r.name);
             println!("  reference: cpu f32 {:.6}", c.cpu);
@@ -469,7 +461,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 println!("{name} agrees with the CPU");
                 Ok(())
             } else {
-                Err(Failure::Run(format!(
+                Err(Error::Failed(format!(
                     "{name} disagrees with the CPU: check the driver and the build (`cargo build --release --features cuda`), and report it with this output"
                 )))
             }
@@ -477,7 +469,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     }
 }
 
-fn plugins(kind: Option<&str>) -> Result<(), Failure> {
+fn plugins(kind: Option<&str>) -> Result<(), Error> {
     let only = match kind {
         None => None,
         Some(k) => Some(
@@ -486,7 +478,7 @@ fn plugins(kind: Option<&str>) -> Result<(), Failure> {
                 .find(|p| p.name() == k)
                 .ok_or_else(|| {
                     let names: Vec<&str> = PluginKind::ALL.iter().map(|k| k.name()).collect();
-                    Failure::Input(format!(
+                    Error::command_line(format!(
                         "unknown plugin kind `{k}` (valid: {}){}",
                         names.join(", "),
                         umae_api::suggest::nearest(k, names.iter().copied())

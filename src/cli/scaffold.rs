@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::Failure;
+use super::Error;
 
 /// Templates by kind; each is also compiled and tested inside umae's own test suite.
 const TEMPLATES: [(&str, &str); 5] = [
@@ -82,25 +82,25 @@ pub fn files(
     ])
 }
 
-pub fn new_plugin(name: &str, kind: &str, output: Option<PathBuf>) -> Result<(), Failure> {
+pub fn new_plugin(name: &str, kind: &str, output: Option<PathBuf>) -> Result<(), Error> {
     let dir = output.unwrap_or_else(|| PathBuf::from(name));
     if dir.exists() {
-        return Err(Failure::Input(format!(
+        return Err(Error::command_line(format!(
             "{} already exists: choose another --output",
             dir.display()
         )));
     }
     let src = Path::new(env!("CARGO_MANIFEST_DIR"));
     let umae_src = src.join("umae-sdk").is_dir().then_some(src);
-    let files = files(name, kind, umae_src).map_err(Failure::Input)?;
+    let files = files(name, kind, umae_src).map_err(Error::command_line)?;
     for (rel, text) in &files {
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| Failure::Run(format!("cannot create {}: {e}", parent.display())))?;
+                .map_err(|e| Error::Failed(format!("cannot create {}: {e}", parent.display())))?;
         }
         std::fs::write(&path, text)
-            .map_err(|e| Failure::Run(format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
     println!(
         "wrote the {kind} plugin `{name}` in {}:\n  {}\nnext: cd {} && cargo test && cargo build --release\nthen: umae --plugin {}/target/release/lib{}.so plugins --kind {kind}",

@@ -46,8 +46,8 @@ impl EncoderOutput {
     }
 }
 
-/// How an encoder treats hidden patches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an encoder treats hidden patches (also an encoder parameter, e.g. `vit`'s `mask_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MaskMode {
     /// Hidden patches are removed from the sequence (MAE).
     Drop,
@@ -77,6 +77,16 @@ pub trait EncoderModule: AutodiffModule<B> + 'static {
     fn set_drop_path(&mut self, _rate: f64) -> bool {
         false
     }
+    /// Layer-wise learning-rate decay in fine-tuning: how many layers (blocks) the encoder
+    /// stacks. 0 (the default): none, every parameter is in layer 0.
+    fn layers(&self) -> usize {
+        0
+    }
+    /// The layer of a parameter (`path` as [`Trainable::visit_params`] names it): 0 before the
+    /// first block (embeddings), `1..=layers()` for the blocks, `layers() + 1` after them.
+    fn layer_id(&self, _path: &str) -> usize {
+        0
+    }
 }
 
 /// A fixed (untrained) tensor of a component: name, shape, row-major values.
@@ -91,6 +101,8 @@ pub trait Encoder: Trainable {
     fn fixed_params(&self) -> usize;
     fn constants(&self) -> Vec<Constant>;
     fn set_drop_path(&mut self, rate: f64) -> bool;
+    fn layers(&self) -> usize;
+    fn layer_id(&self, path: &str) -> usize;
 }
 
 impl<M: EncoderModule> Encoder for M {
@@ -114,6 +126,12 @@ impl<M: EncoderModule> Encoder for M {
     }
     fn set_drop_path(&mut self, rate: f64) -> bool {
         EncoderModule::set_drop_path(self, rate)
+    }
+    fn layers(&self) -> usize {
+        EncoderModule::layers(self)
+    }
+    fn layer_id(&self, path: &str) -> usize {
+        EncoderModule::layer_id(self, path)
     }
 }
 
@@ -156,7 +174,7 @@ impl<M: DecoderModule> Decoder for M {
 pub struct Preparation<'a> {
     /// Draws `n` training images `[n, C, H, W]`, normalised as the model sees them but not
     /// augmented; the same images for the same `n` and seed.
-    pub sample: &'a mut dyn FnMut(usize) -> Result<Tensor<B, 4>, String>,
+    pub sample: &'a mut dyn FnMut(usize) -> Result<Tensor<B, 4>, crate::PluginError>,
     /// A folder where fitted state may be cached (the run directory), so that a resumed run
     /// reuses it instead of fitting again; `None` when nothing should be written.
     pub cache: Option<&'a std::path::Path>,
@@ -166,11 +184,25 @@ pub struct Preparation<'a> {
     pub device: crate::Device,
 }
 
+/// How a pixel target presents a patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelTarget {
+    /// The patch's pixels as the model sees them (normalised per channel).
+    Raw,
+    /// Standardised by the patch's own mean and variance (MAE's norm_pix_loss).
+    PerPatchNormalized,
+}
+
 /// What to predict and how to score it.
 pub trait Target: Send + Sync {
     /// Fit whatever the target needs from the training data, once, before the first step.
-    /// Returns a line for the log when it did something. Most targets need nothing.
-    fn prepare(&mut self, _prep: &mut Preparation<'_>) -> Result<Option<String>, String> {
+    /// Returns a line for the log when it did something. Most targets need nothing. Errors say
+    /// whose fault they are: [`PluginError::Invalid`](crate::PluginError::Invalid) for a setting
+    /// the recipe must change, [`PluginError::Failed`](crate::PluginError::Failed) otherwise.
+    fn prepare(
+        &mut self,
+        _prep: &mut Preparation<'_>,
+    ) -> Result<Option<String>, crate::PluginError> {
         Ok(None)
     }
     /// Width of one patch's prediction.
@@ -179,6 +211,11 @@ pub trait Target: Send + Sync {
     fn loss(&self, images: &Tensor<B, 4>, pred: Tensor<B, 3>, mask: &Mask) -> Tensor<B, 1>;
     /// The per-patch target for `images` (`[B, N, pred_dim]`), for visualisation and tests.
     fn target(&self, images: &Tensor<B, 4>) -> Tensor<B, 3>;
+    /// Whether each patch's prediction is that patch's pixels (in (row, column, channel)
+    /// order), so that it can be shown as an image; `None` (the default) for anything else.
+    fn predicts_pixels(&self) -> Option<PixelTarget> {
+        None
+    }
 }
 
 /// An extra loss term on the encoder's features (Eq. 10: weighted and added to the target loss).

@@ -248,6 +248,46 @@ pub enum FeaturePool {
     Mean,
 }
 
+impl FeaturePool {
+    /// The command-line spelling: `model`, `cls` or `mean`.
+    pub fn parse(s: &str) -> Result<FeaturePool, String> {
+        match s {
+            "model" => Ok(FeaturePool::Model),
+            "cls" => Ok(FeaturePool::Cls),
+            "mean" => Ok(FeaturePool::Mean),
+            _ => Err(format!("unknown pooling `{s}`: use cls, mean or model")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FeaturePool::Model => "model",
+            FeaturePool::Cls => "cls",
+            FeaturePool::Mean => "mean",
+        }
+    }
+
+    /// `[B, D]` from an encoder output.
+    pub fn apply(
+        self,
+        out: crate::EncoderOutput,
+    ) -> Result<burn::tensor::Tensor<crate::B, 2>, String> {
+        let [b, t, d] = out.tokens.dims();
+        match self {
+            FeaturePool::Model => Ok(out.pooled),
+            FeaturePool::Cls if out.prefix == 0 => {
+                Err("this encoder has no class token: use --pool mean (or model)".to_string())
+            }
+            FeaturePool::Cls => Ok(out.tokens.narrow(1, 0, 1).reshape([b, d])),
+            FeaturePool::Mean => Ok(out
+                .tokens
+                .narrow(1, out.prefix, t - out.prefix)
+                .mean_dim(1)
+                .reshape([b, d])),
+        }
+    }
+}
+
 /// The optimizer of the offline linear probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProbeOptimizer {

@@ -62,28 +62,19 @@ pub struct BuildContext {
     pub seed: u64,
 }
 
-/// Why a plugin could not be built.
-#[derive(Debug)]
+/// What a plugin reports: a bad parameter or combination (the recipe must change), or a
+/// failure while it worked (fitting a tokenizer, reading its cache).
+#[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// A parameter could not be read (unknown field, wrong type).
-    Params(DeError),
+    #[error("{0}")]
+    Params(#[from] DeError),
     /// The parameters were read but make no sense together or with the context.
+    #[error("{0}")]
     Invalid(String),
-}
-
-impl From<DeError> for PluginError {
-    fn from(e: DeError) -> Self {
-        PluginError::Params(e)
-    }
-}
-
-impl fmt::Display for PluginError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PluginError::Params(e) => write!(f, "{e}"),
-            PluginError::Invalid(m) => f.write_str(m),
-        }
-    }
+    /// Something failed while the plugin worked (I/O, a device error); not the recipe's fault.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl BuildContext {

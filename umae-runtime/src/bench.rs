@@ -48,7 +48,7 @@ pub fn bench(
     batch: usize,
     steps: usize,
     warmup: usize,
-) -> Result<BenchResult, String> {
+) -> crate::Result<BenchResult> {
     let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
     prepare_target(&mut model, recipe, None, None, device)?;
     let g = model.geometry;
@@ -129,7 +129,7 @@ impl DeviceCheck {
 /// Build `recipe`'s model on the CPU and on `device` with the same weights (and the same fitted
 /// target state), and compare the loss of one training step on the same images and masks, in
 /// f32 and with bf16 products on the device.
-pub fn device_check(recipe: &Recipe, device: &Device, batch: usize) -> Result<DeviceCheck, String> {
+pub fn device_check(recipe: &Recipe, device: &Device, batch: usize) -> crate::Result<DeviceCheck> {
     let cpu = crate::parse_device("cpu")?;
     let cache = std::env::temp_dir().join(format!("umae-device-check-{}", std::process::id()));
     std::fs::create_dir_all(&cache)
@@ -137,7 +137,7 @@ pub fn device_check(recipe: &Recipe, device: &Device, batch: usize) -> Result<De
     let result = (|| {
         let (mut reference, opt, norm) = training_parts(recipe, &cpu)?;
         prepare_target(&mut reference, recipe, None, Some(&cache), &cpu)?;
-        let snapshot = crate::parallel::Snapshot::of(&reference, &norm, &opt);
+        let snapshot = crate::exec::replicas::Snapshot::of(&reference, &norm, &opt);
         let (mut model, mut opt, mut norm) = training_parts(recipe, device)?;
         // The target loads what the CPU fitted from the cache instead of fitting again.
         prepare_target(&mut model, recipe, None, Some(&cache), device)?;
@@ -160,7 +160,7 @@ pub fn device_check(recipe: &Recipe, device: &Device, batch: usize) -> Result<De
                 &labels,
                 &plan.to_device(d),
                 1.0,
-                None,
+                &crate::step::OwnBatch,
             )?;
             Ok(out.scalars.narrow(0, 0, 1).into_scalar())
         };

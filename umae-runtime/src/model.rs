@@ -63,7 +63,7 @@ fn plugin_error(slot: &str, spec: &ComponentSpec, e: PluginError) -> RecipeError
     let context = format!("{slot} `{}`: params", spec.plugin);
     match e {
         PluginError::Params(de) => RecipeError::from_de(&context, de),
-        PluginError::Invalid(m) => RecipeError::new(
+        PluginError::Invalid(m) | PluginError::Failed(m) => RecipeError::new(
             Some(spec.params.span.clone()),
             format!("{slot} `{}`: {m}", spec.plugin),
         ),

@@ -25,11 +25,22 @@ pub struct AdamW {
     pub spec: OptimizerSpec,
     /// Optimizer steps taken.
     pub step: u64,
-    pub m: HashMap<String, Tensor<Inner, 1>>,
-    pub v: HashMap<String, Tensor<Inner, 1>>,
+    m: HashMap<String, Tensor<Inner, 1>>,
+    v: HashMap<String, Tensor<Inner, 1>>,
     acc: HashMap<String, Tensor<Inner, 1>>,
+    /// The global norm of `acc`, once read (cleared whenever `acc` changes).
+    norm: std::cell::Cell<Option<f64>>,
     /// Per-parameter learning-rate factor by key `component.path` (layer-wise decay).
     pub lr_scale: HashMap<String, f64>,
+}
+
+/// [`AdamW`]'s state, on its device.
+#[derive(Clone)]
+pub struct AdamWState {
+    pub step: u64,
+    /// First and second moments by parameter key, in key order.
+    pub m: Vec<(String, Tensor<Inner, 1>)>,
+    pub v: Vec<(String, Tensor<Inner, 1>)>,
 }
 
 fn key(prefix: &str, path: &str) -> String {
@@ -44,8 +55,33 @@ impl AdamW {
             m: HashMap::new(),
             v: HashMap::new(),
             acc: HashMap::new(),
+            norm: std::cell::Cell::new(None),
             lr_scale: HashMap::new(),
         }
+    }
+
+    /// The optimizer's state: its step count and both moments of every parameter, by key
+    /// `component.path` in key order (what checkpoints and replicas carry).
+    pub fn state(&self) -> AdamWState {
+        let sorted = |m: &HashMap<String, Tensor<Inner, 1>>| {
+            let mut v: Vec<(String, Tensor<Inner, 1>)> =
+                m.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        AdamWState {
+            step: self.step,
+            m: sorted(&self.m),
+            v: sorted(&self.v),
+        }
+    }
+
+    /// Continue from `state` (see [`AdamW::state`]); accumulated gradients are dropped.
+    pub fn load_state(&mut self, state: AdamWState) {
+        self.step = state.step;
+        self.m = state.m.into_iter().collect();
+        self.v = state.v.into_iter().collect();
+        self.discard();
     }
 
     /// Add this backward pass's gradients of one component to the accumulator.
@@ -58,6 +94,7 @@ impl AdamW {
             };
             self.acc.insert(k, sum);
         });
+        self.norm.set(None);
     }
 
     /// Replace the accumulated gradients by `reduce` of all of them, flattened into one vector
@@ -79,16 +116,28 @@ impl AdamW {
             self.acc.insert(k, flat.clone().narrow(0, at, n));
             at += n;
         }
+        self.norm.set(None);
         Ok(())
     }
 
     /// Drop the accumulated gradients (a skipped step).
     pub fn discard(&mut self) {
         self.acc.clear();
+        self.norm.set(None);
     }
 
-    /// The global L2 norm of the accumulated gradients (one host read).
+    /// The global L2 norm of the accumulated gradients: one host read per step, however often
+    /// it is asked for (the trainer's finiteness check and `clip_grad` share it).
     pub fn grad_norm(&self) -> f64 {
+        if let Some(n) = self.norm.get() {
+            return n;
+        }
+        let n = self.compute_grad_norm();
+        self.norm.set(Some(n));
+        n
+    }
+
+    fn compute_grad_norm(&self) -> f64 {
         let parts: Vec<Tensor<Inner, 1>> = self
             .acc
             .values()
@@ -112,15 +161,7 @@ impl AdamW {
     ) {
         self.step += 1;
         let wd = self.spec.weight_decay;
-        self.update(modules, lr, wd);
-        self.update(second, lr2, 0.0);
-        self.acc.clear();
-    }
-
-    fn update(&mut self, modules: &mut [(&'static str, &mut dyn Trainable)], lr: f64, wd: f64) {
-        let t = self.step as i32;
-        let (b1, b2) = self.spec.betas;
-        let eps = self.spec.eps;
+        // `clip_grad` scales by the global norm of every accumulated gradient, both groups.
         let scale = match self.spec.clip_grad {
             Some(max) => {
                 let norm = self.grad_norm();
@@ -132,6 +173,21 @@ impl AdamW {
             }
             None => 1.0,
         };
+        self.update(modules, lr, wd, scale);
+        self.update(second, lr2, 0.0, scale);
+        self.discard();
+    }
+
+    fn update(
+        &mut self,
+        modules: &mut [(&'static str, &mut dyn Trainable)],
+        lr: f64,
+        wd: f64,
+        scale: f64,
+    ) {
+        let t = self.step as i32;
+        let (b1, b2) = self.spec.betas;
+        let eps = self.spec.eps;
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
         for (prefix, module) in modules.iter_mut() {
@@ -295,5 +351,73 @@ mod lr_scale_tests {
             (plain[1][0] - scaled[1][0]).abs() < 1e-6,
             "{plain:?} {scaled:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use umae_api::burn::nn::LinearConfig;
+    use umae_api::burn::tensor::TensorData;
+    use umae_api::{Device, B};
+
+    fn stepped(clip: Option<f64>) -> (AdamW, umae_api::burn::nn::Linear<B>, Grads) {
+        let device = Device::Flex(Default::default());
+        let lin = LinearConfig::new(2, 1).init::<B>(&device);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(vec![3.0f32, -4.0], [1, 2]), &device);
+        let grads = lin.forward(x).sum().backward();
+        let opt = AdamW::new(OptimizerSpec {
+            clip_grad: clip,
+            ..OptimizerSpec::default()
+        });
+        (opt, lin, grads)
+    }
+
+    #[test]
+    fn grad_norm_is_read_once_and_follows_new_gradients() {
+        let (mut opt, lin, grads) = stepped(None);
+        opt.accumulate("lin", &lin, &grads);
+        // d/dw = x = (3, -4), d/db = 1: norm sqrt(26).
+        assert!((opt.grad_norm() - 26f64.sqrt()).abs() < 1e-5);
+        assert_eq!(
+            opt.norm.get(),
+            Some(opt.grad_norm()),
+            "cached after the first read"
+        );
+        opt.accumulate("lin", &lin, &grads);
+        assert_eq!(opt.norm.get(), None, "a new backward pass clears it");
+        assert!((opt.grad_norm() - 2.0 * 26f64.sqrt()).abs() < 1e-5);
+        opt.discard();
+        assert_eq!(opt.grad_norm(), 0.0);
+    }
+
+    #[test]
+    fn state_round_trips_and_continues_identically() {
+        let (mut a, mut lin_a, grads) = stepped(Some(1.0));
+        a.accumulate("lin", &lin_a, &grads);
+        a.step(
+            &mut [("lin", &mut lin_a as &mut dyn Trainable)],
+            0.1,
+            &mut [],
+            0.0,
+        );
+        let state = a.state();
+        assert_eq!(state.step, 1);
+        assert_eq!(
+            state.m.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["lin.bias", "lin.weight"],
+            "key order"
+        );
+        let mut b = AdamW::new(a.spec.clone());
+        b.load_state(state);
+        let mut lin_b = lin_a.clone();
+        for (opt, lin) in [(&mut a, &mut lin_a), (&mut b, &mut lin_b)] {
+            opt.accumulate("lin", lin, &grads);
+            opt.step(&mut [("lin", lin as &mut dyn Trainable)], 0.1, &mut [], 0.0);
+        }
+        let values =
+            |l: &umae_api::burn::nn::Linear<B>| l.weight.val().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(values(&lin_a), values(&lin_b));
+        assert_eq!(b.step, 2);
     }
 }

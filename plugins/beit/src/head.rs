@@ -4,7 +4,7 @@ use umae_api::burn::nn::{LayerNorm, Linear};
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::Tensor;
 use umae_api::{BuildContext, DecoderModule, EncoderOutput, Mask, MaskMode, PluginError, B};
-use umae_plugin_vit::nn::{layer_norm, linear, linear3, norm};
+use umae_layers::{layer_norm, linear, linear3, norm};
 
 umae_api::params! {
     /// Parameters of the `token-head` decoder (none: its width is the target's vocabulary).

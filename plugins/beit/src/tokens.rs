@@ -86,7 +86,7 @@ impl Tokens {
         )
     }
 
-    fn fit(&self, prep: &mut Preparation<'_>) -> Result<(Codebook, String), String> {
+    fn fit(&self, prep: &mut Preparation<'_>) -> Result<(Codebook, String), PluginError> {
         let input = self.geometry.patch_dim();
         match self.params.tokenizer {
             Tokenizer::RandomProjection => Ok((
@@ -107,7 +107,7 @@ impl Tokens {
                     .into_data()
                     .convert::<f32>()
                     .to_vec()
-                    .map_err(|e| format!("{e:?}"))?;
+                    .map_err(|e| PluginError::Failed(format!("{e:?}")))?;
                 let codes = kmeans(
                     &x,
                     input,
@@ -116,9 +116,11 @@ impl Tokens {
                     prep.seed,
                     &prep.device,
                 )
-                .map_err(|e| format!("{e}: lower `vocab` or raise `fit_patches`"))?;
+                .map_err(|e| {
+                    PluginError::Invalid(format!("{e}: lower `vocab` or raise `fit_patches`"))
+                })?;
                 Ok((
-                    Codebook::new(None, codes, input, input, false)?,
+                    Codebook::new(None, codes, input, input, false).map_err(PluginError::Failed)?,
                     format!(
                         "k-means with {} codes fitted on {m} patches in {:.1}s",
                         self.vocab,
@@ -136,7 +138,7 @@ impl Target for Tokens {
         self.vocab
     }
 
-    fn prepare(&mut self, prep: &mut Preparation<'_>) -> Result<Option<String>, String> {
+    fn prepare(&mut self, prep: &mut Preparation<'_>) -> Result<Option<String>, PluginError> {
         if self.params.tokenizer == Tokenizer::Checkpoint {
             if let Some(book) = &mut self.codebook {
                 book.to_device(&prep.device);
@@ -158,7 +160,8 @@ impl Target for Tokens {
         let (mut book, what) = self.fit(prep)?;
         let mut line = format!("tokenizer: {what}");
         if let Some(path) = &cache {
-            book.save(path, &[("key", key.as_str())])?;
+            book.save(path, &[("key", key.as_str())])
+                .map_err(PluginError::Failed)?;
             line += &format!(", saved to {}", path.display());
         }
         book.to_device(&prep.device);
@@ -275,7 +278,7 @@ mod tests {
             vocab,
             codebook: None,
         };
-        let mut sample = |n: usize| -> Result<Tensor<B, 4>, String> {
+        let mut sample = |n: usize| -> Result<Tensor<B, 4>, PluginError> {
             // Fixed images: patch (row, column) is flat at level 2 * row + column.
             let v: Vec<f32> = (0..n * 64).map(level).collect();
             Ok(Tensor::from_data(

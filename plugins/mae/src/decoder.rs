@@ -4,7 +4,7 @@ use umae_api::burn::nn::{LayerNorm, Linear};
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
 use umae_api::{BuildContext, DecoderModule, EncoderOutput, Mask, MaskMode, PluginError, B};
-use umae_plugin_vit::nn::{gather_tokens, layer_norm, linear, linear3, norm, sincos_2d, Block};
+use umae_layers::{gather_tokens, layer_norm, linear, linear3, norm, sincos_2d, Block};
 
 umae_api::params! {
     /// Parameters of the `mae` decoder.

@@ -5,7 +5,7 @@ use umae_api::burn::module::Module;
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::Tensor;
 use umae_api::serde::{Deserialize, Serialize};
-use umae_api::{BuildContext, Mask, PatchGeometry, PluginError, Target, B};
+use umae_api::{BuildContext, Mask, PatchGeometry, PixelTarget, PluginError, Target, B};
 
 /// Per-element loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +69,13 @@ pub fn unpatchify_hwc(patches: Tensor<B, 3>, g: &PatchGeometry) -> Tensor<B, 4> 
 impl Target for Pixels {
     fn pred_dim(&self) -> usize {
         self.geometry.patch_dim()
+    }
+
+    fn predicts_pixels(&self) -> Option<PixelTarget> {
+        Some(match self.norm_pix {
+            true => PixelTarget::PerPatchNormalized,
+            false => PixelTarget::Raw,
+        })
     }
 
     fn target(&self, images: &Tensor<B, 4>) -> Tensor<B, 3> {

@@ -4,7 +4,7 @@ use umae_api::burn::nn::Linear;
 use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::Tensor;
 use umae_api::{BuildContext, DecoderModule, EncoderOutput, Mask, MaskMode, PluginError, B};
-use umae_plugin_vit::nn::{linear, linear3};
+use umae_layers::{linear, linear3};
 
 umae_api::params! {
     /// Parameters of the `linear` decoder (none: its width is the target's).

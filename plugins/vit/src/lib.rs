@@ -1,8 +1,6 @@
 //! The `vit` encoder: a Vision Transformer that reads images through a patch grid, in MAE's
 //! drop mode (only visible patches are encoded) or with a learned mask token (SimMIM, BEiT).
 
-pub mod nn;
-
 use umae_api::burn;
 use umae_api::burn::module::{Module, Param};
 use umae_api::burn::nn::{LayerNorm, Linear};
@@ -14,6 +12,7 @@ use umae_api::{
 };
 
 use nn::{gather_tokens, layer_norm, linear, linear3, patchify_chw, sincos_2d, Block};
+use umae_layers as nn;
 
 /// Standard ViT sizes (dim, depth, heads), as in timm and MAE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,16 +52,6 @@ pub enum Pool {
     Mean,
 }
 
-/// How hidden patches enter the encoder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(crate = "umae_api::serde")]
-pub enum InputMode {
-    /// Hidden patches are dropped (MAE).
-    Drop,
-    /// Hidden patches are replaced by a learned mask token (SimMIM, BEiT).
-    MaskToken,
-}
-
 umae_api::params! {
     /// Parameters of the `vit` encoder.
     pub struct VitParams {
@@ -81,7 +70,7 @@ umae_api::params! {
         /// Pooled feature: Cls or Mean.
         pub pool: Pool = Pool::Cls,
         /// Drop (MAE) or MaskToken (SimMIM/BEiT).
-        pub mask_mode: InputMode = InputMode::Drop,
+        pub mask_mode: MaskMode = MaskMode::Drop,
     }
 }
 
@@ -106,7 +95,7 @@ pub struct Vit<B: Backend> {
     #[module(skip)]
     pub pool: Pool,
     #[module(skip)]
-    pub mode: InputMode,
+    pub mode: MaskMode,
     /// Stochastic-depth rate at the last block (rising linearly from 0 at the first), set by
     /// fine-tuning; 0 during pretraining and evaluation.
     #[module(skip)]
@@ -151,7 +140,7 @@ impl Vit<B> {
         Ok(Vit {
             patch_embed: linear(geometry.patch_dim(), dim, device),
             cls_token: token(device),
-            mask_token: (p.mask_mode == InputMode::MaskToken).then(|| token(device)),
+            mask_token: (p.mask_mode == MaskMode::MaskToken).then(|| token(device)),
             pos_embed: Tensor::from_data(TensorData::new(pos, [1 + n, dim]), device),
             blocks: (0..depth)
                 .map(|_| Block::new(dim, heads, p.mlp_ratio, device))
@@ -171,7 +160,7 @@ impl Vit<B> {
         let x = linear3(&self.patch_embed, patchify_chw(images, self.geometry.patch));
         let [b, n, d] = x.dims();
         let x = match (mask, &self.mask_token) {
-            (Some(m), Some(token)) if self.mode == InputMode::MaskToken => {
+            (Some(m), Some(token)) if self.mode == MaskMode::MaskToken => {
                 let w = m.hidden.clone().reshape([b, n, 1]);
                 let t = token.val().reshape([1, 1, d]);
                 x * (w.clone().neg() + 1.0) + t * w
@@ -182,11 +171,25 @@ impl Vit<B> {
     }
 }
 
+/// Layer of a parameter path in a ViT of `depth` blocks (see [`EncoderModule::layer_id`]).
+pub fn layer_id(path: &str, depth: usize) -> usize {
+    if let Some(rest) = path.strip_prefix("blocks.") {
+        if let Some(k) = rest.split('.').next().and_then(|k| k.parse::<usize>().ok()) {
+            return k + 1;
+        }
+    }
+    if path.starts_with("norm.") || path.starts_with("fc_norm.") {
+        depth + 1
+    } else {
+        0
+    }
+}
+
 impl EncoderModule for Vit<B> {
     fn forward(&self, images: Tensor<B, 4>, mask: Option<&Mask>) -> EncoderOutput {
         let b = images.dims()[0];
         let mut x = self.embed(images, mask);
-        if let (Some(m), InputMode::Drop) = (mask, self.mode) {
+        if let (Some(m), MaskMode::Drop) = (mask, self.mode) {
             x = gather_tokens(x, m.ids_keep.clone());
         }
         let d = self.dim;
@@ -221,10 +224,7 @@ impl EncoderModule for Vit<B> {
     }
 
     fn mask_mode(&self) -> MaskMode {
-        match self.mode {
-            InputMode::Drop => MaskMode::Drop,
-            InputMode::MaskToken => MaskMode::MaskToken,
-        }
+        self.mode
     }
 
     fn geometry(&self) -> PatchGeometry {
@@ -238,6 +238,16 @@ impl EncoderModule for Vit<B> {
     fn set_drop_path(&mut self, rate: f64) -> bool {
         self.drop_path = rate;
         true
+    }
+
+    fn layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// MAE's layer ids: `blocks.K.` -> K + 1; the tokens and patch embedding -> 0; the final
+    /// norm -> depth + 1.
+    fn layer_id(&self, path: &str) -> usize {
+        layer_id(path, self.blocks.len())
     }
 
     fn constants(&self) -> Vec<umae_api::Constant> {
@@ -270,7 +280,22 @@ mod tests {
     use super::*;
     use umae_api::MaskPlan;
 
-    fn vit(mode: InputMode) -> Vit<B> {
+    #[test]
+    fn layer_ids_follow_mae() {
+        assert_eq!(layer_id("cls_token", 12), 0);
+        assert_eq!(layer_id("patch_embed.weight", 12), 0);
+        assert_eq!(layer_id("blocks.0.attn.qkv.weight", 12), 1);
+        assert_eq!(layer_id("blocks.11.mlp.fc2.bias", 12), 12);
+        assert_eq!(layer_id("norm.gamma", 12), 13);
+        let v = vit(MaskMode::Drop);
+        assert_eq!(umae_api::Encoder::layers(&v), v.blocks.len());
+        assert_eq!(
+            umae_api::Encoder::layer_id(&v, "norm.gamma"),
+            v.blocks.len() + 1
+        );
+    }
+
+    fn vit(mode: MaskMode) -> Vit<B> {
         let ctx = BuildContext {
             channels: 1,
             height: 8,
@@ -298,7 +323,7 @@ mod tests {
 
     #[test]
     fn mask_token_mode_encodes_every_position_and_ignores_hidden_pixels() {
-        let v = vit(InputMode::MaskToken);
+        let v = vit(MaskMode::MaskToken);
         let d = v.pos_embed.device();
         // Patch 1 (top right) hidden.
         let mask = MaskPlan::from_flags(&[vec![false, true, false, false]])
@@ -318,7 +343,7 @@ mod tests {
         let other = EncoderModule::forward(&v, visible_changed, Some(&mask));
         assert!(diff(&out.tokens, &other.tokens) > 1e-3);
         // Drop mode keeps only the class token and the visible patches.
-        let v = vit(InputMode::Drop);
+        let v = vit(MaskMode::Drop);
         assert!(v.mask_token.is_none());
         let out = EncoderModule::forward(&v, x, Some(&mask));
         assert_eq!(out.tokens.dims(), [1, 4, 16]);

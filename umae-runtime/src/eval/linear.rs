@@ -11,7 +11,7 @@ use umae_api::burn::nn::loss::CrossEntropyLossConfig;
 use umae_api::burn::tensor::{Int, Tensor, TensorData};
 use umae_api::{Device, Inner, Rng, B};
 
-use crate::features::Features;
+use crate::eval::features::Features;
 use crate::progress;
 
 pub use umae_api::recipe::{KnnSpec, LinearSpec, ProbeOptimizer};
@@ -212,7 +212,7 @@ pub fn linear_probe(
 
 fn normalized(f: &Features, device: &Device) -> Tensor<Inner, 2> {
     let mut data = f.data.clone();
-    crate::analysis::normalize_rows(&mut data, f.dim);
+    crate::analysis::rank::normalize_rows(&mut data, f.dim);
     Tensor::from_data(TensorData::new(data, [f.n, f.dim]), device)
 }
 

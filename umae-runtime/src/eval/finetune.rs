@@ -11,12 +11,12 @@ use umae_api::{Device, Rng, Trainable, B};
 
 pub use umae_api::recipe::FinetuneSpec;
 
+use crate::checkpoint::source::Loaded;
 use crate::data::{self, Loader, Pipeline, Split};
+use crate::eval::linear::Accuracy;
 use crate::model::{images_tensor, Probe};
 use crate::optim::{learning_rate, AdamW};
-use crate::probe::Accuracy;
 use crate::progress;
-use crate::source::Loaded;
 use crate::step::labels_tensor;
 
 /// One epoch of fine-tuning.
@@ -27,42 +27,31 @@ pub struct FinetuneEpoch {
     pub test: Accuracy,
 }
 
-/// Layer id of a parameter path for layer-wise decay: `blocks.K.` -> K + 1; other encoder
-/// parameters before the blocks (tokens, patch embedding) -> 0; after (final norm) -> depth + 1.
-pub fn layer_id(path: &str, depth: usize) -> usize {
-    if let Some(rest) = path.strip_prefix("blocks.") {
-        if let Some(k) = rest.split('.').next().and_then(|k| k.parse::<usize>().ok()) {
-            return k + 1;
-        }
-    }
-    if path.starts_with("norm.") || path.starts_with("fc_norm.") {
-        depth + 1
-    } else {
-        0
-    }
-}
-
 /// Fine-tune the loaded encoder in place; `each` sees every finished epoch.
 pub fn finetune(
     loaded: &mut Loaded,
     spec: &FinetuneSpec,
     device: &Device,
     mut each: impl FnMut(&FinetuneEpoch),
-) -> Result<Vec<FinetuneEpoch>, String> {
+) -> crate::Result<Vec<FinetuneEpoch>> {
     if spec.epochs == 0 || spec.batch_size == 0 {
-        return Err("fine-tuning needs epochs >= 1 and batch_size >= 1".into());
+        return Err(crate::Error::recipe(
+            "fine-tuning needs epochs >= 1 and batch_size >= 1",
+        ));
     }
     if !(0.0..1.0).contains(&spec.drop_path) || !(0.0..1.0).contains(&spec.label_smoothing) {
-        return Err("drop_path and label_smoothing must be in [0, 1)".into());
+        return Err(crate::Error::recipe(
+            "drop_path and label_smoothing must be in [0, 1)",
+        ));
     }
     let recipe = loaded.recipe.clone();
     let model = &mut loaded.model;
     let encoder = &mut model.encoder;
     if encoder.num_params() == 0 {
-        return Err(format!(
+        return Err(crate::Error::recipe(format!(
             "encoder `{}` has no parameters to fine-tune",
             model.names[1]
-        ));
+        )));
     }
     let classes = recipe.data.num_classes;
     B::seed(device, spec.seed);
@@ -74,23 +63,24 @@ pub fn finetune(
             })
             .init(device),
     };
-    let mut depth = 0;
-    encoder.visit_params(&mut |info, _| {
-        if info.path.starts_with("blocks.") {
-            depth = depth.max(layer_id(info.path, 0));
-        }
-    });
+    // The encoder says how its parameters stack into layers (MAE's layer-wise decay).
+    let depth = encoder.layers();
     let mut opt = AdamW::new(OptimizerSpec {
         betas: (0.9, 0.999),
         weight_decay: spec.weight_decay,
         ..OptimizerSpec::default()
     });
+    let layer_of = |path: &str| encoder.layer_id(path).min(depth + 1);
+    let mut scales = Vec::new();
     encoder.visit_params(&mut |info, _| {
         let scale = spec
             .layer_decay
-            .powi((depth + 1 - layer_id(info.path, depth)) as i32);
-        opt.lr_scale.insert(format!("encoder.{}", info.path), scale);
+            .powi((depth + 1 - layer_of(info.path)) as i32);
+        scales.push((info.path.to_string(), scale));
     });
+    for (path, scale) in scales {
+        opt.lr_scale.insert(format!("encoder.{path}"), scale);
+    }
     let schedule = ScheduleSpec {
         warmup_epochs: spec.warmup_epochs as f64,
         min_lr: 1e-6,
@@ -152,10 +142,10 @@ pub fn finetune(
             );
             let l = loss.into_scalar() as f64;
             if !l.is_finite() {
-                return Err(format!(
+                return Err(crate::Error::Failed(format!(
                     "fine-tuning diverged (loss {l}) at epoch {}: lower --blr",
                     epoch + 1
-                ));
+                )));
             }
             loss_sum += l;
             progress::tick(&bar, 1);
@@ -183,7 +173,7 @@ pub fn finetune(
                 .convert::<f32>()
                 .to_vec()
                 .map_err(|e| format!("{e:?}"))?;
-            let (a, c) = crate::probe::accuracy(&scores, &b.labels, classes);
+            let (a, c) = crate::eval::linear::accuracy(&scores, &b.labels, classes);
             t1 += a;
             t5 += c;
         }
@@ -200,18 +190,4 @@ pub fn finetune(
         out.push(row);
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layer_ids_follow_mae() {
-        assert_eq!(layer_id("cls_token", 12), 0);
-        assert_eq!(layer_id("patch_embed.weight", 12), 0);
-        assert_eq!(layer_id("blocks.0.attn.qkv.weight", 12), 1);
-        assert_eq!(layer_id("blocks.11.mlp.fc2.bias", 12), 12);
-        assert_eq!(layer_id("norm.gamma", 12), 13);
-    }
 }

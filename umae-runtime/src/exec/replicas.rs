@@ -10,7 +10,8 @@
 //! the same global batch this is the single-device computation, up to summation order.
 //!
 //! Several machines ([`Nodes`]) use the same calls: burn-collective's global mode joins the
-//! peers of every node through an orchestrator process ([`orchestrator`]). Peers are numbered
+//! peers of every node through an orchestrator process
+//! ([`orchestrator`](super::nodes::orchestrator)). Peers are numbered
 //! globally (node rank x devices per node + local index); every node's trainer draws the same
 //! global batch and masks from the same seed and keeps its own peers' rows, so the computation
 //! is the single-device one on any number of nodes. See docs/performance.md.
@@ -20,17 +21,18 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use umae_api::burn::collective::{
-    self, AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation,
-};
+use umae_api::burn::collective::{self, PeerId, ReduceOperation};
 use umae_api::burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use umae_api::recipe::Recipe;
-use umae_api::{Device, Inner, Mask, MaskPlan, B};
+use umae_api::{Device, EncoderOutput, Inner, Mask, MaskPlan, Rng, B};
 
-use crate::data::Dataset;
+use super::nodes::{config, Nodes};
+use super::Executor;
+use crate::data::{Batch, Dataset};
 use crate::model::{images_tensor, Model};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, AdamWState};
 use crate::step::{apply_step, forward_backward, prepare_target, training_parts, ProbeNorm};
+use crate::step::{FeatureExchange, StepScalars};
 
 /// This peer's place among the peers.
 #[derive(Debug, Clone, Copy)]
@@ -121,19 +123,17 @@ impl Snapshot {
                 params.push((format!("{prefix}.{}", info.path), host(t)));
             });
         }
-        let moments = |m: &std::collections::HashMap<String, Tensor<Inner, 1>>| {
-            m.iter()
-                .map(|(k, t)| (k.clone(), host(t.clone())))
-                .collect()
-        };
+        let state = opt.state();
+        let moments =
+            |m: Vec<(String, Tensor<Inner, 1>)>| m.into_iter().map(|(k, t)| (k, host(t))).collect();
         Snapshot {
             params,
             norm: norm
                 .as_ref()
                 .map(|n| (host(n.mean.clone()), host(n.var.clone()))),
-            step: opt.step,
-            m: moments(&opt.m),
-            v: moments(&opt.v),
+            step: state.step,
+            m: moments(state.m),
+            v: moments(state.v),
         }
     }
 
@@ -166,17 +166,16 @@ impl Snapshot {
             n.mean = device_vec(mean, device);
             n.var = device_vec(var, device);
         }
-        opt.step = self.step;
-        opt.m = self
-            .m
-            .iter()
-            .map(|(k, v)| (k.clone(), device_vec(v, device)))
-            .collect();
-        opt.v = self
-            .v
-            .iter()
-            .map(|(k, v)| (k.clone(), device_vec(v, device)))
-            .collect();
+        let on_device = |m: &[(String, Vec<f32>)]| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), device_vec(v, device)))
+                .collect()
+        };
+        opt.load_state(AdamWState {
+            step: self.step,
+            m: on_device(&self.m),
+            v: on_device(&self.v),
+        });
         Ok(())
     }
 }
@@ -196,8 +195,12 @@ struct Shard {
 enum Job {
     /// Forward and backward on a shard, accumulating gradients.
     Batch(Shard),
-    /// Average the accumulated gradients with the other peers and step.
-    Apply { lr: f64, probe_lr: f64 },
+    /// Average the accumulated gradients with the other peers.
+    Reduce,
+    /// Apply the averaged gradients.
+    Step { lr: f64, probe_lr: f64 },
+    /// Drop them (a skipped step).
+    Discard,
     /// Join the collective (once every replica is built).
     Register,
 }
@@ -207,120 +210,14 @@ enum Job {
 pub struct Replicas {
     /// The trainer's peer: global rank and world.
     pub peer: Peer,
+    /// The trainer's device.
+    device: Device,
     jobs: Vec<Sender<Job>>,
-    results: Vec<Receiver<Result<Vec<f32>, String>>>,
+    results: Vec<Receiver<Result<(), String>>>,
     handles: Vec<JoinHandle<()>>,
     /// False after any error: a replica may then wait in a collective call forever, so it is
     /// not joined (the process is ending with the error).
     healthy: std::cell::Cell<bool>,
-}
-
-/// This process's place in a multi-node run (`umae run --nodes N --node-rank R ...`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Nodes {
-    /// How many nodes (processes, usually machines) train together.
-    pub count: usize,
-    /// This node's index, 0..count. Every node runs the same devices per node.
-    pub rank: usize,
-    /// The orchestrator's address (`umae orchestrator --port P` runs it): `HOST:P`.
-    pub orchestrator: String,
-    /// Where the other nodes reach this one: `HOST:PORT`; this node serves its tensors on PORT.
-    pub address: String,
-}
-
-impl Nodes {
-    /// Check the fields; the addresses must be `HOST:PORT` (an optional `ws://` in front).
-    pub fn new(
-        count: usize,
-        rank: usize,
-        orchestrator: &str,
-        address: &str,
-    ) -> Result<Nodes, String> {
-        if count < 2 {
-            return Err(format!(
-                "--nodes {count}: a multi-node run needs at least 2 nodes (leave --nodes out for one machine)"
-            ));
-        }
-        if rank >= count {
-            return Err(format!(
-                "--node-rank {rank} is out of range for --nodes {count}: ranks are 0..{}",
-                count - 1
-            ));
-        }
-        let nodes = Nodes {
-            count,
-            rank,
-            orchestrator: orchestrator.to_string(),
-            address: address.to_string(),
-        };
-        port_of(orchestrator, "--orchestrator")?;
-        nodes.port()?;
-        Ok(nodes)
-    }
-
-    /// The port this node serves its tensors on (the port of `address`).
-    pub fn port(&self) -> Result<u16, String> {
-        port_of(&self.address, "--node-address")
-    }
-}
-
-fn port_of(address: &str, flag: &str) -> Result<u16, String> {
-    let rest = address.strip_prefix("ws://").unwrap_or(address);
-    let port = rest
-        .rsplit_once(':')
-        .map(|(host, port)| (host, port.parse::<u16>()));
-    match port {
-        Some((host, Ok(port))) if !host.is_empty() && port > 0 => Ok(port),
-        _ => Err(format!(
-            "{flag} `{address}` is not HOST:PORT (for example 10.0.0.1:3000)"
-        )),
-    }
-}
-
-/// Why `--nodes` is refused: burn-collective 0.21's global all-reduce (every strategy) reuses
-/// the same transfer ids in every call, so the second call between nodes waits forever
-/// (reproduced with two processes on one machine; upstream: tracel-ai/burn#4549). The
-/// wiring is complete and tested up to that point; `UMAE_EXPERIMENTAL_MULTI_NODE=1` lifts
-/// the refusal to check a fixed burn.
-pub const MULTI_NODE_BLOCKED: &str = "multi-node training is not available yet: burn-collective 0.21's global all-reduce hangs on its second call between nodes (tracel-ai/burn#4549). Train on one machine, with several devices if it has them (--device cuda:0,cuda:1,...)";
-
-/// Run burn-collective's orchestrator for multi-node training on `port` until the process is
-/// interrupted (Ctrl-C or SIGTERM). Every node of a run connects to it.
-pub fn orchestrator(port: u16) -> Result<(), String> {
-    if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", port)) {
-        return Err(format!("cannot listen on port {port}: {e}"));
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the orchestrator's runtime: {e}"))?;
-    runtime.block_on(burn_collective::start_global_orchestrator(port));
-    Ok(())
-}
-
-/// The collective set-up for `local` devices on this machine, joined to the other nodes'
-/// through the orchestrator when there are several.
-fn config(local: usize, nodes: Option<&Nodes>) -> CollectiveConfig {
-    let config = CollectiveConfig::default()
-        .with_num_devices(local)
-        .with_local_all_reduce_strategy(AllReduceStrategy::Centralized);
-    match nodes {
-        None => config,
-        Some(n) => config
-            .with_num_nodes(n.count as u32)
-            .with_global_address(ws_url(&n.orchestrator).parse().expect("infallible"))
-            .with_node_address(ws_url(&n.address).parse().expect("infallible"))
-            .with_data_service_port(n.port().expect("checked by Nodes::new")),
-    }
-}
-
-/// `ws://HOST:PORT` for an address given as `HOST:PORT` or `ws://HOST:PORT`.
-fn ws_url(s: &str) -> String {
-    if s.starts_with("ws://") {
-        s.to_string()
-    } else {
-        format!("ws://{s}")
-    }
 }
 
 impl Replicas {
@@ -341,6 +238,7 @@ impl Replicas {
         let peer = Peer { rank: first, world };
         let mut replicas = Replicas {
             peer,
+            device: devices[0].clone(),
             jobs: Vec::new(),
             results: Vec::new(),
             handles: Vec::new(),
@@ -400,7 +298,7 @@ impl Replicas {
         Ok(replicas)
     }
 
-    fn receive(&self, r: usize) -> Result<Vec<f32>, String> {
+    fn receive(&self, r: usize) -> Result<(), String> {
         let got = self.results[r]
             .recv()
             .map_err(|_| format!("replica {} stopped", self.peer.rank + r + 1))
@@ -411,33 +309,49 @@ impl Replicas {
         got
     }
 
-    /// One micro-batch of `n` images (the global batch) split evenly over all peers; this
-    /// node's peers train on their rows. Returns the step scalars of the whole batch (losses
-    /// averaged over the peers, probe hits summed).
-    #[allow(clippy::too_many_arguments)]
-    pub fn micro_batch(
-        &self,
+    /// Send `job` to every replica.
+    fn send_all(&self, job: impl Fn() -> Job) -> Result<(), String> {
+        for (r, tx) in self.jobs.iter().enumerate() {
+            tx.send(job())
+                .map_err(|_| format!("replica {} stopped", self.peer.rank + r + 1))?;
+        }
+        Ok(())
+    }
+
+    /// Wait until every replica has done its job.
+    fn receive_all(&self) -> Result<(), String> {
+        (0..self.jobs.len()).try_for_each(|r| self.receive(r))
+    }
+}
+
+impl Executor for Replicas {
+    fn world(&self) -> usize {
+        self.peer.world
+    }
+
+    /// The global batch split evenly over all peers; this node's peers train on their rows.
+    /// The scalars are the whole batch's (losses averaged over the peers, probe hits summed).
+    fn micro_batch(
+        &mut self,
         model: &Model,
         norm: Option<&mut ProbeNorm>,
         opt: &mut AdamW,
-        images: Vec<f32>,
-        n: usize,
-        labels: &[i64],
-        mask: &MaskPlan,
-        scale: f64,
-        device: &Device,
-    ) -> Result<Vec<f32>, String> {
-        let world = self.peer.world;
-        let per = n / world;
-        let size = images.len() / n;
+        batch: Batch,
+        rng: &mut Rng,
+        accum: usize,
+    ) -> crate::Result<StepScalars> {
+        // The masks of the whole batch, drawn as one device would.
+        let mask = model.masker.sample(&model.geometry, batch.n, rng);
+        let per = batch.n / self.peer.world;
+        let size = batch.images.len() / batch.n;
         let shard = |rank: usize| {
             let rows = rank * per..(rank + 1) * per;
             Shard {
-                images: images[rows.start * size..rows.end * size].to_vec(),
+                images: batch.images[rows.start * size..rows.end * size].to_vec(),
                 n: per,
-                labels: labels[rows.clone()].to_vec(),
+                labels: batch.labels[rows.clone()].to_vec(),
                 mask: mask.rows(rows),
-                scale,
+                scale: accum as f64,
             }
         };
         let first = self.peer.rank;
@@ -445,31 +359,53 @@ impl Replicas {
             tx.send(Job::Batch(shard(first + r + 1)))
                 .map_err(|_| format!("replica {} stopped", first + r + 1))?;
         }
-        // Every peer returns the scalars reduced over all peers.
-        let own = local_batch(model, norm, opt, shard(first), device, &self.peer)?;
-        for r in 0..self.jobs.len() {
-            self.receive(r)?;
-        }
+        let own = local_batch(model, norm, opt, shard(first), &self.device, &self.peer)?;
+        self.receive_all()?;
         Ok(own)
     }
 
-    /// Average the gradients over the peers and apply the step on every replica.
-    pub fn apply(
-        &self,
+    fn reduce(&mut self, opt: &mut AdamW) -> crate::Result<f64> {
+        self.send_all(|| Job::Reduce)?;
+        opt.reduce_accumulated(|g| self.peer.all_reduce(g, ReduceOperation::Mean))?;
+        self.receive_all()?;
+        // The averaged gradients are the same on every peer, and so is their norm.
+        Ok(opt.grad_norm())
+    }
+
+    fn apply(
+        &mut self,
         model: &mut Model,
         opt: &mut AdamW,
         lr: f64,
         probe_lr: f64,
-    ) -> Result<(), String> {
-        for (r, tx) in self.jobs.iter().enumerate() {
-            tx.send(Job::Apply { lr, probe_lr })
-                .map_err(|_| format!("replica {} stopped", self.peer.rank + r + 1))?;
-        }
-        reduce_and_step(&self.peer, model, opt, lr, probe_lr)?;
-        for r in 0..self.jobs.len() {
-            self.receive(r)?;
-        }
-        Ok(())
+    ) -> crate::Result<()> {
+        self.send_all(|| Job::Step { lr, probe_lr })?;
+        apply_step(model, opt, lr, probe_lr);
+        Ok(self.receive_all()?)
+    }
+
+    fn discard(&mut self, opt: &mut AdamW) -> crate::Result<()> {
+        self.send_all(|| Job::Discard)?;
+        opt.discard();
+        Ok(self.receive_all()?)
+    }
+}
+
+impl FeatureExchange for Peer {
+    /// Every peer's features, this peer's rows keeping their gradients.
+    fn features(&self, local: &EncoderOutput) -> Result<EncoderOutput, String> {
+        Ok(EncoderOutput {
+            tokens: self.gather(local.tokens.clone())?,
+            pooled: self.gather(local.pooled.clone())?,
+            prefix: local.prefix,
+        })
+    }
+
+    /// Each peer differentiates the regularizers over the global batch through its own rows
+    /// only; weighting by the number of peers makes the peers' mean gradient (the all-reduce)
+    /// the regularizers' gradient over the global batch.
+    fn regularizer_gradient(&self, regularizers: Tensor<B, 1>) -> Tensor<B, 1> {
+        regularizers * self.world as f64
     }
 }
 
@@ -492,46 +428,18 @@ fn local_batch(
     shard: Shard,
     device: &Device,
     peer: &Peer,
-) -> Result<Vec<f32>, String> {
+) -> Result<StepScalars, String> {
     let images = images_tensor(shard.images, shard.n, &model.geometry, device);
     let mask: Mask = shard.mask.to_device(device);
-    let out = forward_backward(
-        model,
-        norm,
-        images,
-        &shard.labels,
-        &mask,
-        shard.scale,
-        Some(peer),
-    )?;
+    let out = forward_backward(model, norm, images, &shard.labels, &mask, shard.scale, peer)?;
     for (prefix, m) in model.trainables() {
         opt.accumulate(prefix, m, &out.grads);
     }
-    // The whole batch's scalars: losses averaged over the peers, the last one (correct probe
-    // predictions) summed.
+    // The whole batch's scalars: one all-reduce of the packed terms, the losses then averaged
+    // over the peers, the probe's hits summed.
     let sums = peer.all_reduce(out.scalars.inner(), ReduceOperation::Sum)?;
-    let mut vals = sums
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map_err(|e| format!("{e:?}"))?;
-    let k = vals.len();
-    for v in &mut vals[..k.saturating_sub(1)] {
-        *v /= peer.world as f32;
-    }
-    Ok(vals)
-}
-
-fn reduce_and_step(
-    peer: &Peer,
-    model: &mut Model,
-    opt: &mut AdamW,
-    lr: f64,
-    probe_lr: f64,
-) -> Result<(), String> {
-    opt.reduce_accumulated(|g| peer.all_reduce(g, ReduceOperation::Mean))?;
-    apply_step(model, opt, lr, probe_lr);
-    Ok(())
+    let sums = StepScalars::read(Tensor::from_inner(sums), model.regularizers.len())?;
+    Ok(sums.mean_over(peer.world as f64))
 }
 
 /// What a replica thread is built from.
@@ -550,7 +458,7 @@ fn replica(
     setup: Setup,
     snapshot: &Snapshot,
     jobs: Receiver<Job>,
-    results: Sender<Result<Vec<f32>, String>>,
+    results: Sender<Result<(), String>>,
 ) {
     let Setup {
         peer,
@@ -562,14 +470,16 @@ fn replica(
         cache,
     } = setup;
     let set_up = || -> Result<(Model, AdamW, Option<ProbeNorm>), String> {
-        let (mut model, mut opt, mut norm) = training_parts(&recipe, &device)?;
-        prepare_target(&mut model, &recipe, Some(data), cache.as_deref(), &device)?;
+        let (mut model, mut opt, mut norm) =
+            training_parts(&recipe, &device).map_err(|e| e.to_string())?;
+        prepare_target(&mut model, &recipe, Some(data), cache.as_deref(), &device)
+            .map_err(|e| e.to_string())?;
         snapshot.apply(&mut model, &mut norm, &mut opt, &device)?;
         Ok((model, opt, norm))
     };
     let (mut model, mut opt, mut norm) = match set_up() {
         Ok(parts) => {
-            let _ = results.send(Ok(Vec::new()));
+            let _ = results.send(Ok(()));
             parts
         }
         Err(e) => {
@@ -586,7 +496,6 @@ fn replica(
         device.clone(),
         config(local, nodes.as_ref()),
     )
-    .map(|()| Vec::new())
     .map_err(|e| collective_error(&format!("registering device {}", peer.rank), e));
     let failed = registered.is_err();
     if results.send(registered).is_err() || failed {
@@ -594,11 +503,18 @@ fn replica(
     }
     for job in jobs {
         let result = match job {
+            // Every peer takes part in the scalars' all-reduce; the trainer reports them.
             Job::Batch(shard) => {
-                local_batch(&model, norm.as_mut(), &mut opt, shard, &device, &peer)
+                local_batch(&model, norm.as_mut(), &mut opt, shard, &device, &peer).map(drop)
             }
-            Job::Apply { lr, probe_lr } => {
-                reduce_and_step(&peer, &mut model, &mut opt, lr, probe_lr).map(|()| Vec::new())
+            Job::Reduce => opt.reduce_accumulated(|g| peer.all_reduce(g, ReduceOperation::Mean)),
+            Job::Step { lr, probe_lr } => {
+                apply_step(&mut model, &mut opt, lr, probe_lr);
+                Ok(())
+            }
+            Job::Discard => {
+                opt.discard();
+                Ok(())
             }
             Job::Register => Err("registered twice".into()),
         };

@@ -5,69 +5,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use umae_api::burn::tensor::Tensor;
-use umae_api::{Device, EncoderOutput, B};
+use umae_api::Device;
 
+use crate::checkpoint::source::Loaded;
 use crate::checkpoint::{self, HostTensor};
 use crate::data::{self, Dataset, Loader, Pipeline, Split};
 use crate::model::{images_tensor, Model};
 use crate::progress;
-use crate::source::Loaded;
 
-/// Which feature of the encoder output to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pool {
-    /// What the encoder's `pool` parameter says.
-    Model,
-    /// The class token (the first prefix token).
-    Cls,
-    /// The mean of the patch tokens.
-    Mean,
-}
-
-impl Pool {
-    pub fn parse(s: &str) -> Result<Pool, String> {
-        match s {
-            "model" => Ok(Pool::Model),
-            "cls" => Ok(Pool::Cls),
-            "mean" => Ok(Pool::Mean),
-            _ => Err(format!("unknown pooling `{s}`: use cls, mean or model")),
-        }
-    }
-
-    pub fn from_recipe(p: umae_api::recipe::FeaturePool) -> Pool {
-        match p {
-            umae_api::recipe::FeaturePool::Model => Pool::Model,
-            umae_api::recipe::FeaturePool::Cls => Pool::Cls,
-            umae_api::recipe::FeaturePool::Mean => Pool::Mean,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Pool::Model => "model",
-            Pool::Cls => "cls",
-            Pool::Mean => "mean",
-        }
-    }
-
-    /// `[B, D]` from an encoder output.
-    pub fn apply(self, out: EncoderOutput) -> Result<Tensor<B, 2>, String> {
-        let [b, t, d] = out.tokens.dims();
-        match self {
-            Pool::Model => Ok(out.pooled),
-            Pool::Cls if out.prefix == 0 => {
-                Err("this encoder has no class token: use --pool mean (or model)".to_string())
-            }
-            Pool::Cls => Ok(out.tokens.narrow(1, 0, 1).reshape([b, d])),
-            Pool::Mean => Ok(out
-                .tokens
-                .narrow(1, out.prefix, t - out.prefix)
-                .mean_dim(1)
-                .reshape([b, d])),
-        }
-    }
-}
+/// Which feature of the encoder output to use: the recipe's `eval.pool` type.
+pub use umae_api::recipe::FeaturePool as Pool;
 
 /// `n` feature rows of width `dim` with their labels.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,7 +166,7 @@ pub fn features(
     batch: usize,
     device: &Device,
     use_cache: bool,
-) -> Result<(Features, bool), String> {
+) -> crate::Result<(Features, bool)> {
     let r = &loaded.recipe;
     let set: Arc<dyn Dataset> = data::open(&r.data, split, r.seed)?;
     let n = limit.unwrap_or(usize::MAX).min(set.len());
@@ -273,7 +220,7 @@ pub fn feature_set(
     batch: usize,
     device: &Device,
     use_cache: bool,
-) -> Result<FeatureSet, String> {
+) -> crate::Result<FeatureSet> {
     let (train, c1) = features(
         loaded,
         Split::Train,

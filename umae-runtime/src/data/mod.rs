@@ -362,8 +362,13 @@ pub fn synthetic(n: usize, channels: usize, size: usize, classes: usize, seed: u
     }
 }
 
-/// Open the dataset a recipe names, for one split.
-pub fn open(spec: &DataSpec, split: Split, seed: u64) -> Result<Arc<dyn Dataset>, String> {
+/// Open the dataset a recipe names, for one split. Every error is the data's (or `data.*`
+/// settings') fault: a missing root, a malformed file, labels beyond `num_classes`, no images.
+pub fn open(spec: &DataSpec, split: Split, seed: u64) -> crate::Result<Arc<dyn Dataset>> {
+    open_split(spec, split, seed).map_err(crate::Error::data)
+}
+
+fn open_split(spec: &DataSpec, split: Split, seed: u64) -> Result<Arc<dyn Dataset>, String> {
     let root = Path::new(&spec.root);
     let in_range = |m: InMemory, what: &str| -> Result<Arc<dyn Dataset>, String> {
         match m.labels.iter().max() {
@@ -871,6 +876,7 @@ mod folder_tests {
         )
         .err()
         .expect("an empty folder is refused");
-        assert!(e.contains("no images"), "{e}");
+        assert!(e.to_string().contains("no images"), "{e}");
+        assert_eq!(e.input_kind(), Some(crate::InputKind::Data), "{e:?}");
     }
 }

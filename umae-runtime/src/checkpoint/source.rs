@@ -10,21 +10,6 @@ use umae_api::Device;
 use crate::checkpoint;
 use crate::model::Model;
 
-/// An error in what the user pointed at (exit 2) or a failure while loading (exit 1).
-#[derive(Debug, Clone, PartialEq)]
-pub enum LoadError {
-    Input(String),
-    Run(String),
-}
-
-impl std::fmt::Display for LoadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LoadError::Input(m) | LoadError::Run(m) => f.write_str(m),
-        }
-    }
-}
-
 /// A model ready for evaluation.
 pub struct Loaded {
     pub recipe: Recipe,
@@ -63,8 +48,8 @@ pub fn resolve(
     source: &Path,
     checkpoint_name: Option<&str>,
     sets: &[String],
-) -> Result<(Recipe, Option<PathBuf>, Option<PathBuf>), LoadError> {
-    let input = LoadError::Input;
+) -> crate::Result<(Recipe, Option<PathBuf>, Option<PathBuf>)> {
+    let input = crate::Error::command_line;
     if source.is_file() {
         if checkpoint_name.is_some() {
             return Err(input(format!(
@@ -99,7 +84,7 @@ pub fn resolve(
                 }
                 d
             }
-            None => checkpoint::latest(source).map_err(LoadError::Run)?.ok_or_else(|| {
+            None => checkpoint::latest(source).map_err(crate::Error::Failed)?.ok_or_else(|| {
                 input(format!(
                     "{} has no checkpoint yet: train it first (`umae run --resume {}` continues a stopped run)",
                     source.display(),
@@ -137,7 +122,7 @@ pub fn load(
     checkpoint_name: Option<&str>,
     sets: &[String],
     device: &Device,
-) -> Result<Loaded, LoadError> {
+) -> crate::Result<Loaded> {
     let (recipe, run_dir, ckpt) = resolve(source, checkpoint_name, sets)?;
     load_resolved(recipe, run_dir, ckpt, device)
 }
@@ -148,21 +133,24 @@ pub fn load_resolved(
     run_dir: Option<PathBuf>,
     ckpt: Option<PathBuf>,
     device: &Device,
-) -> Result<Loaded, LoadError> {
-    let mut model = Model::build(&recipe, device).map_err(|e| LoadError::Input(e.to_string()))?;
+) -> crate::Result<Loaded> {
+    let mut model =
+        Model::build(&recipe, device).map_err(|e| crate::Error::command_line(e.to_string()))?;
     let mut step = 0;
     if let Some(dir) = &ckpt {
-        checkpoint::verify(dir).map_err(LoadError::Input)?;
+        checkpoint::verify(dir).map_err(crate::Error::command_line)?;
         let file = dir.join("model.safetensors");
-        let weights = checkpoint::read_safetensors(&file).map_err(LoadError::Input)?;
+        let weights = checkpoint::read_safetensors(&file).map_err(crate::Error::command_line)?;
         checkpoint::load_params(
             &mut [("encoder", model.encoder.as_mut())],
             &weights,
             device,
             &file,
         )
-        .map_err(LoadError::Input)?;
-        step = checkpoint::read_state(dir).map_err(LoadError::Input)?.step;
+        .map_err(crate::Error::command_line)?;
+        step = checkpoint::read_state(dir)
+            .map_err(crate::Error::command_line)?
+            .step;
     }
     model.encoder.set_trainable(false);
     let label = match (&run_dir, &ckpt) {

@@ -1,21 +1,23 @@
 //! The paper's analyses on a trained (or fresh) model: effective rank and singular spectrum
 //! along training, the mask-ratio study, t-SNE of the features, and a reconstruction view.
 
+pub mod maskratio;
+pub mod plot;
+pub mod rank;
+pub mod tsne;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use umae_api::value::Kind;
-use umae_api::{Device, Rng};
+use umae_api::{Device, PixelTarget, Rng};
 
-use crate::analysis;
 use crate::checkpoint;
+use crate::checkpoint::source::{self, Loaded};
 use crate::data::{self, Pipeline, Split};
-use crate::features::{self, Pool};
-use crate::maskratio::{self, MaskRatioStudy, PatchDistance};
+use crate::eval::features::{self, Pool};
 use crate::model::images_tensor;
-use crate::plot;
-use crate::source::{self, LoadError, Loaded};
-use crate::tsne::{self, TsneSpec};
+use maskratio::{MaskRatioStudy, PatchDistance};
+use tsne::TsneSpec;
 
 /// Effective rank and spectrum of one checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,17 +39,17 @@ pub fn rank_of(
     samples: usize,
     pool: Pool,
     device: &Device,
-) -> Result<RankPoint, String> {
+) -> crate::Result<RankPoint> {
     let (f, _) = features::features(loaded, Split::Eval, pool, Some(samples), 256, device, false)?;
     if f.n < 2 {
-        return Err(format!(
+        return Err(crate::Error::data(format!(
             "the test split has {} image(s): the effective rank needs at least 2",
             f.n
-        ));
+        )));
     }
     let mut rows = f.data.clone();
-    analysis::normalize_rows(&mut rows, f.dim);
-    let spectrum = analysis::singular_values(&rows, f.n, f.dim);
+    rank::normalize_rows(&mut rows, f.dim);
+    let spectrum = rank::singular_values(&rows, f.n, f.dim);
     let epoch = match &loaded.checkpoint {
         Some(c) => checkpoint::read_state(c)?.epoch,
         None => 0,
@@ -58,7 +60,7 @@ pub fn rank_of(
         step: loaded.step,
         samples: f.n,
         dim: f.dim,
-        erank: analysis::erank_of_spectrum(&spectrum),
+        erank: rank::erank_of_spectrum(&spectrum),
         spectrum,
     })
 }
@@ -74,11 +76,11 @@ pub fn rank_series(
     pool: Pool,
     device: &Device,
     mut each: impl FnMut(&RankPoint),
-) -> Result<(Option<PathBuf>, Vec<RankPoint>), LoadError> {
+) -> crate::Result<(Option<PathBuf>, Vec<RankPoint>)> {
     let (recipe, run_dir, ckpt) = source::resolve(source_path, checkpoint_name, sets)?;
     let ckpts: Vec<Option<PathBuf>> = match (&run_dir, all && checkpoint_name.is_none()) {
         (Some(r), true) => source::checkpoints(r)
-            .map_err(LoadError::Run)?
+            .map_err(crate::Error::Failed)?
             .into_iter()
             .map(Some)
             .collect(),
@@ -87,7 +89,7 @@ pub fn rank_series(
     let mut out = Vec::new();
     for c in ckpts {
         let loaded = source::load_resolved(recipe.clone(), run_dir.clone(), c, device)?;
-        let p = rank_of(&loaded, samples, pool, device).map_err(LoadError::Run)?;
+        let p = rank_of(&loaded, samples, pool, device)?;
         each(&p);
         out.push(p);
     }
@@ -124,7 +126,7 @@ pub struct MaskRatioSpec {
 }
 
 /// Run the mask-ratio study on the test split of a recipe's dataset, with its patch grid.
-pub fn mask_ratio(loaded: &Loaded, spec: &MaskRatioSpec) -> Result<MaskRatioStudy, String> {
+pub fn mask_ratio(loaded: &Loaded, spec: &MaskRatioSpec) -> crate::Result<MaskRatioStudy> {
     let r = &loaded.recipe;
     let set = data::open(&r.data, Split::Eval, r.seed)?;
     let g = loaded.model.geometry;
@@ -157,7 +159,7 @@ pub fn mask_ratio(loaded: &Loaded, spec: &MaskRatioSpec) -> Result<MaskRatioStud
         .map(|im| patches_hwc(im, &g))
         .collect();
     let labels: Vec<usize> = picked.iter().map(|p| p.1).collect();
-    maskratio::study(
+    Ok(maskratio::study(
         &images,
         &labels,
         g.num_patches(),
@@ -165,7 +167,7 @@ pub fn mask_ratio(loaded: &Loaded, spec: &MaskRatioSpec) -> Result<MaskRatioStud
         spec.draws,
         spec.distance,
         spec.seed,
-    )
+    )?)
 }
 
 /// One `[C, H, W]` image -> `N x (p*p*C)` patch values in (row, column, channel) order.
@@ -222,10 +224,10 @@ pub fn tsne_of(
     pool: Pool,
     spec: &TsneSpec,
     device: &Device,
-) -> Result<TsneResult, String> {
+) -> crate::Result<TsneResult> {
     let (f, _) = features::features(loaded, Split::Eval, pool, Some(samples), 256, device, false)?;
     let mut rows = f.data.clone();
-    analysis::normalize_rows(&mut rows, f.dim);
+    rank::normalize_rows(&mut rows, f.dim);
     let y = tsne::tsne(&rows, f.n, f.dim, spec)?;
     Ok(TsneResult {
         model: loaded.label.clone(),
@@ -259,17 +261,21 @@ pub fn reconstruction_figure(
     seed: u64,
     path: &Path,
     device: &Device,
-) -> Result<(), String> {
+) -> crate::Result<()> {
     let m = &loaded.model;
     let g = m.geometry;
     let pd = g.patch_dim();
-    if m.names[3] != "pixels" || m.target.pred_dim() != pd {
-        return Err(format!(
-            "target `{}` predicts {} values per patch, not the pixels of a patch: the reconstruction view needs the `pixels` target",
+    let Some(pixels) = m
+        .target
+        .predicts_pixels()
+        .filter(|_| m.target.pred_dim() == pd)
+    else {
+        return Err(crate::Error::recipe(format!(
+            "target `{}` predicts {} values per patch, not the pixels of a patch: the reconstruction view needs a pixel target such as `pixels`",
             m.names[3],
             m.target.pred_dim()
-        ));
-    }
+        )));
+    };
     let r = &loaded.recipe;
     let set = data::open(&r.data, Split::Eval, r.seed)?;
     let n = n.min(set.len());
@@ -285,11 +291,7 @@ pub fn reconstruction_figure(
         .convert::<f32>()
         .to_vec()
         .map_err(|e| format!("{e:?}"))?;
-    let norm_pix = r.target.plugin == "pixels"
-        && !matches!(
-            r.target.params.get("norm_pix").map(|v| &v.kind),
-            Some(Kind::Bool(false))
-        );
+    let norm_pix = pixels == PixelTarget::PerPatchNormalized;
     let (mean, std) = data::normalization(&r.data);
     let per = g.channels * g.height * g.width;
     let to_unit = |img: &[f32]| -> Vec<f32> {
@@ -339,7 +341,7 @@ pub fn reconstruction_figure(
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    plot::image_grid(path, &rows, scale)
+    Ok(plot::image_grid(path, &rows, scale)?)
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! SIGKILL, a full disk) never damages the last good checkpoint; a damaged one is found by
 //! [`verify`] before anything is loaded from it.
 
+pub mod source;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Read;
