@@ -87,6 +87,37 @@ pub trait EncoderModule: AutodiffModule<B> + 'static {
     fn layer_id(&self, _path: &str) -> usize {
         0
     }
+    /// An optional capability: where a parameter (`path`, as [`Trainable::visit_params`] names
+    /// it) sits in timm's `VisionTransformer` state dict, for `umae export` / `umae import`.
+    /// `None` (the default) for every path: the encoder has no timm layout.
+    fn timm_param(&self, _path: &str) -> Option<TimmParam> {
+        None
+    }
+}
+
+/// One parameter of an encoder in timm's layout (see [`EncoderModule::timm_param`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimmParam {
+    /// Its key in timm's state dict.
+    pub name: String,
+    pub layout: TimmLayout,
+    /// Whether an export writes it (a SimMIM mask token has no place in a timm model, but an
+    /// import that has one reads it).
+    pub export: bool,
+}
+
+/// How a parameter's values map to timm's tensor of the same values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimmLayout {
+    /// The same shape and order.
+    AsIs,
+    /// A learned token `[D]` is timm's `[1, 1, D]`.
+    Token,
+    /// A Linear weight `[in, out]` is timm's `[out, in]`.
+    Transposed,
+    /// The patch embedding `[C*p*p, D]` (a Linear on channel-row-column patches) is timm's
+    /// strided convolution `[D, C, p, p]`.
+    PatchConv { channels: usize, patch: usize },
 }
 
 /// A fixed (untrained) tensor of a component: name, shape, row-major values.
@@ -103,6 +134,7 @@ pub trait Encoder: Trainable {
     fn set_drop_path(&mut self, rate: f64) -> bool;
     fn layers(&self) -> usize;
     fn layer_id(&self, path: &str) -> usize;
+    fn timm_param(&self, path: &str) -> Option<TimmParam>;
 }
 
 impl<M: EncoderModule> Encoder for M {
@@ -132,6 +164,9 @@ impl<M: EncoderModule> Encoder for M {
     }
     fn layer_id(&self, path: &str) -> usize {
         EncoderModule::layer_id(self, path)
+    }
+    fn timm_param(&self, path: &str) -> Option<TimmParam> {
+        EncoderModule::timm_param(self, path)
     }
 }
 

@@ -29,7 +29,7 @@ pub use serde;
 
 pub use components::{
     Constant, Decoder, DecoderModule, Encoder, EncoderModule, EncoderOutput, MaskMode, Masker,
-    PixelTarget, Preparation, Regularizer, Target,
+    PixelTarget, Preparation, Regularizer, Target, TimmLayout, TimmParam,
 };
 pub use geometry::PatchGeometry;
 pub use mask::{Mask, MaskPlan};

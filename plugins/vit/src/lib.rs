@@ -8,7 +8,8 @@ use umae_api::burn::prelude::Backend;
 use umae_api::burn::tensor::{Distribution, Tensor, TensorData};
 use umae_api::serde::{Deserialize, Serialize};
 use umae_api::{
-    BuildContext, EncoderModule, EncoderOutput, Mask, MaskMode, PatchGeometry, PluginError, B,
+    BuildContext, EncoderModule, EncoderOutput, Mask, MaskMode, PatchGeometry, PluginError,
+    TimmLayout, TimmParam, B,
 };
 
 use nn::{gather_tokens, layer_norm, linear, linear3, patchify_chw, sincos_2d, Block};
@@ -171,6 +172,18 @@ impl Vit<B> {
     }
 }
 
+/// timm name of a `vit` parameter path.
+pub fn timm_name(path: &str) -> String {
+    let p = path.replacen("patch_embed.", "patch_embed.proj.", 1);
+    if let Some(stem) = p.strip_suffix(".gamma") {
+        format!("{stem}.weight")
+    } else if let Some(stem) = p.strip_suffix(".beta") {
+        format!("{stem}.bias")
+    } else {
+        p
+    }
+}
+
 /// Layer of a parameter path in a ViT of `depth` blocks (see [`EncoderModule::layer_id`]).
 pub fn layer_id(path: &str, depth: usize) -> usize {
     if let Some(rest) = path.strip_prefix("blocks.") {
@@ -250,6 +263,28 @@ impl EncoderModule for Vit<B> {
         layer_id(path, self.blocks.len())
     }
 
+    /// timm's `VisionTransformer` names: `patch_embed.proj.*` for the patch embedding (a
+    /// strided convolution there), LayerNorm `weight` / `bias` for `gamma` / `beta`, Linear
+    /// weights transposed (the fused qkv keeps q, k, v order), tokens as `[1, 1, D]`.
+    fn timm_param(&self, path: &str) -> Option<TimmParam> {
+        let g = self.geometry;
+        let layout = match path {
+            "cls_token" | "mask_token" => TimmLayout::Token,
+            "patch_embed.weight" => TimmLayout::PatchConv {
+                channels: g.channels,
+                patch: g.patch,
+            },
+            "patch_embed.bias" => TimmLayout::AsIs,
+            _ if path.ends_with(".weight") && !path.contains("norm") => TimmLayout::Transposed,
+            _ => TimmLayout::AsIs,
+        };
+        Some(TimmParam {
+            name: timm_name(path),
+            layout,
+            export: path != "mask_token",
+        })
+    }
+
     fn constants(&self) -> Vec<umae_api::Constant> {
         let [t, d] = self.pos_embed.dims();
         let values = self
@@ -279,6 +314,24 @@ umae_api::register!(
 mod tests {
     use super::*;
     use umae_api::MaskPlan;
+
+    #[test]
+    fn names_follow_timm() {
+        assert_eq!(timm_name("patch_embed.weight"), "patch_embed.proj.weight");
+        assert_eq!(timm_name("blocks.3.norm1.gamma"), "blocks.3.norm1.weight");
+        assert_eq!(timm_name("norm.beta"), "norm.bias");
+        assert_eq!(
+            timm_name("blocks.0.attn.qkv.weight"),
+            "blocks.0.attn.qkv.weight"
+        );
+        let v = vit(MaskMode::Drop);
+        let p = |path| umae_api::Encoder::timm_param(&v, path).unwrap();
+        assert_eq!(p("blocks.0.attn.qkv.weight").layout, TimmLayout::Transposed);
+        assert_eq!(p("blocks.0.norm1.gamma").layout, TimmLayout::AsIs);
+        assert_eq!(p("blocks.0.mlp.fc1.bias").layout, TimmLayout::AsIs);
+        assert_eq!(p("cls_token").layout, TimmLayout::Token);
+        assert!(!p("mask_token").export);
+    }
 
     #[test]
     fn layer_ids_follow_mae() {

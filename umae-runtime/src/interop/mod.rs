@@ -1,33 +1,19 @@
 //! Checkpoint interoperability with PyTorch: the encoder as a timm `VisionTransformer` state
 //! dict (safetensors), and import of timm / official MAE checkpoints (`.pth` or safetensors).
 //!
-//! Name and layout mapping (umae `vit` -> timm):
-//! - `cls_token` `[D]` -> `cls_token` `[1, 1, D]`
-//! - `patch_embed.weight` `[C*p*p, D]` (Linear on channel-row-column patches) ->
-//!   `patch_embed.proj.weight` `[D, C, p, p]` (the strided convolution); bias -> `.proj.bias`
-//! - every other Linear weight `[in, out]` -> `[out, in]` (fused qkv keeps q, k, v order)
-//! - LayerNorm `gamma` / `beta` -> `weight` / `bias`
-//! - the fixed sin-cos position embedding -> `pos_embed` `[1, 1 + N, D]` with the class slot
+//! The encoder says where each of its parameters sits in timm's layout
+//! (`Encoder::timm_param`, implemented by `vit`); this module moves the values: tokens `[D]`
+//! <-> `[1, 1, D]`, Linear weights `[in, out]` <-> `[out, in]`, the patch embedding
+//! `[C*p*p, D]` <-> the strided convolution `[D, C, p, p]`, and the fixed sin-cos position
+//! embedding (an encoder constant) <-> `pos_embed` `[1, 1 + N, D]` with the class slot.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use umae_api::Device;
+use umae_api::{Device, TimmLayout, TimmParam, Trainable};
 
 use crate::checkpoint::{self, HostTensor};
 use crate::model::Model;
-
-/// timm name of a umae `vit` parameter path.
-fn timm_name(path: &str) -> String {
-    let p = path.replacen("patch_embed.", "patch_embed.proj.", 1);
-    if let Some(stem) = p.strip_suffix(".gamma") {
-        format!("{stem}.weight")
-    } else if let Some(stem) = p.strip_suffix(".beta") {
-        format!("{stem}.bias")
-    } else {
-        p
-    }
-}
 
 fn transpose(t: &HostTensor) -> HostTensor {
     let (r, c) = (t.shape[0], t.shape[1]);
@@ -43,41 +29,67 @@ fn transpose(t: &HostTensor) -> HostTensor {
     }
 }
 
-fn ensure_vit(model: &Model) -> Result<(), String> {
-    if model.names[1] != "vit" {
+/// Refuse an encoder without a timm layout, naming it.
+fn ensure_timm_layout(model: &Model) -> Result<(), String> {
+    let mut has = false;
+    model.encoder.visit_params(&mut |info, _| {
+        has |= model.encoder.timm_param(info.path).is_some();
+    });
+    if !has {
         return Err(format!(
-            "the timm layout exists for the `vit` encoder only; this model's encoder is `{}`",
+            "encoder `{}` has no timm layout (the `vit` encoder has one)",
             model.names[1]
         ));
     }
     Ok(())
 }
 
+/// umae's values in timm's layout.
+fn to_layout(host: HostTensor, layout: TimmLayout) -> HostTensor {
+    match layout {
+        TimmLayout::AsIs => host,
+        TimmLayout::Token => HostTensor {
+            shape: vec![1, 1, host.data.len()],
+            data: host.data,
+        },
+        TimmLayout::Transposed => transpose(&host),
+        TimmLayout::PatchConv { channels, patch } => {
+            let mut t = transpose(&host);
+            t.shape = vec![t.shape[0], channels, patch, patch];
+            t
+        }
+    }
+}
+
+/// timm's values in umae's layout (shapes are checked by the caller).
+fn from_layout(t: &HostTensor, layout: TimmLayout) -> HostTensor {
+    match layout {
+        TimmLayout::Token => HostTensor {
+            shape: vec![t.data.len()],
+            data: t.data.clone(),
+        },
+        TimmLayout::PatchConv { .. } if t.shape.len() == 4 => transpose(&HostTensor {
+            shape: vec![t.shape[0], t.shape[1] * t.shape[2] * t.shape[3]],
+            data: t.data.clone(),
+        }),
+        TimmLayout::Transposed | TimmLayout::PatchConv { .. } if t.shape.len() == 2 => transpose(t),
+        _ => t.clone(),
+    }
+}
+
 /// The encoder as a timm `VisionTransformer` state dict.
 pub fn to_timm(model: &Model) -> Result<HashMap<String, HostTensor>, String> {
-    ensure_vit(model)?;
-    let g = model.geometry;
+    ensure_timm_layout(model)?;
     let mut out = HashMap::new();
-    let enc: &dyn umae_api::Trainable = model.encoder.as_ref();
+    let enc: &dyn Trainable = model.encoder.as_ref();
     enc.visit_params(&mut |info, t| {
-        let host = HostTensor::from_inner(t, info.shape);
-        let name = timm_name(info.path);
-        let value = match info.path {
-            "cls_token" | "mask_token" => HostTensor {
-                shape: vec![1, 1, host.data.len()],
-                data: host.data,
-            },
-            "patch_embed.weight" => {
-                let mut t = transpose(&host);
-                t.shape = vec![t.shape[0], g.channels, g.patch, g.patch];
-                t
-            }
-            _ if info.shape.len() == 2 => transpose(&host),
-            _ => host,
-        };
-        out.insert(name, value);
+        if let Some(p) = model.encoder.timm_param(info.path).filter(|p| p.export) {
+            out.insert(
+                p.name,
+                to_layout(HostTensor::from_inner(t, info.shape), p.layout),
+            );
+        }
     });
-    out.remove("mask_token");
     for (name, shape, data) in model.encoder.constants() {
         out.insert(name, HostTensor { shape, data });
     }
@@ -93,36 +105,33 @@ pub fn load_timm(
     device: &Device,
     source: &Path,
 ) -> Result<Vec<String>, String> {
-    ensure_vit(model)?;
+    ensure_timm_layout(model)?;
     let g = model.geometry;
     let mut problems = Vec::new();
     let mut used = std::collections::HashSet::new();
+    let params: HashMap<String, TimmParam> = {
+        let mut m = HashMap::new();
+        model.encoder.visit_params(&mut |info, _| {
+            if let Some(p) = model.encoder.timm_param(info.path) {
+                m.insert(info.path.to_string(), p);
+            }
+        });
+        m
+    };
     model.encoder.map_params(&mut |info, current| {
-        let name = timm_name(info.path);
-        let Some(t) = state.get(&name) else {
-            problems.push(format!("`{name}` is missing"));
+        let Some(p) = params.get(info.path) else {
             return current;
         };
-        used.insert(name.clone());
-        let host = match info.path {
-            "cls_token" | "mask_token" => HostTensor {
-                shape: vec![t.data.len()],
-                data: t.data.clone(),
-            },
-            "patch_embed.weight" if t.shape.len() == 4 => {
-                let flat = HostTensor {
-                    shape: vec![t.shape[0], t.shape[1] * t.shape[2] * t.shape[3]],
-                    data: t.data.clone(),
-                };
-                transpose(&flat)
-            }
-            _ if t.shape.len() == 2 => transpose(t),
-            _ => t.clone(),
+        let Some(t) = state.get(&p.name) else {
+            problems.push(format!("`{}` is missing", p.name));
+            return current;
         };
+        used.insert(p.name.clone());
+        let host = from_layout(t, p.layout);
         if host.shape != info.shape {
             problems.push(format!(
-                "`{name}` has shape {:?} in the file, this encoder needs {:?} (in umae's layout)",
-                t.shape, info.shape
+                "`{}` has shape {:?} in the file, this encoder needs {:?} (in umae's layout)",
+                p.name, t.shape, info.shape
             ));
             return current;
         }
@@ -217,14 +226,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_follow_timm() {
-        assert_eq!(timm_name("patch_embed.weight"), "patch_embed.proj.weight");
-        assert_eq!(timm_name("blocks.3.norm1.gamma"), "blocks.3.norm1.weight");
-        assert_eq!(timm_name("norm.beta"), "norm.bias");
+    fn layouts_round_trip() {
+        let w = HostTensor {
+            shape: vec![12, 2],
+            data: (0..24).map(|x| x as f32).collect(),
+        };
+        let conv = TimmLayout::PatchConv {
+            channels: 3,
+            patch: 2,
+        };
+        let timm = to_layout(w.clone(), conv);
+        assert_eq!(timm.shape, [2, 3, 2, 2]);
+        assert_eq!(timm.data[..4], [0., 2., 4., 6.], "output channel 0 first");
+        assert_eq!(from_layout(&timm, conv), w);
+        let token = HostTensor {
+            shape: vec![4],
+            data: vec![1., 2., 3., 4.],
+        };
+        assert_eq!(to_layout(token.clone(), TimmLayout::Token).shape, [1, 1, 4]);
         assert_eq!(
-            timm_name("blocks.0.attn.qkv.weight"),
-            "blocks.0.attn.qkv.weight"
+            from_layout(
+                &to_layout(token.clone(), TimmLayout::Token),
+                TimmLayout::Token
+            ),
+            token
         );
+        let t = to_layout(w.clone(), TimmLayout::Transposed);
+        assert_eq!(t.shape, [2, 12]);
+        assert_eq!(from_layout(&t, TimmLayout::Transposed), w);
     }
 
     #[test]
