@@ -95,13 +95,7 @@ pub fn erank_of_spectrum(s: &[f64]) -> f64 {
     h.exp()
 }
 
-/// L2-normalise each row in place.
-pub fn normalize_rows(rows: &mut [f32], d: usize) {
-    for r in rows.chunks_exact_mut(d) {
-        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|v| *v /= norm);
-    }
-}
+pub use crate::eval::features::normalize_rows;
 
 /// Effective rank of L2-normalised features, as in the paper.
 pub fn effective_rank(rows: &[f32], n: usize, d: usize) -> f64 {

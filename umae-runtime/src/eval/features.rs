@@ -16,6 +16,14 @@ use crate::progress;
 /// Which feature of the encoder output to use: the recipe's `eval.pool` type.
 pub use umae_api::recipe::FeaturePool as Pool;
 
+/// L2-normalise each row in place.
+pub fn normalize_rows(rows: &mut [f32], d: usize) {
+    for r in rows.chunks_exact_mut(d) {
+        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        r.iter_mut().for_each(|v| *v /= norm);
+    }
+}
+
 /// `n` feature rows of width `dim` with their labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Features {

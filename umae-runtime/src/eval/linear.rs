@@ -212,7 +212,7 @@ pub fn linear_probe(
 
 fn normalized(f: &Features, device: &Device) -> Tensor<Inner, 2> {
     let mut data = f.data.clone();
-    crate::analysis::rank::normalize_rows(&mut data, f.dim);
+    crate::eval::features::normalize_rows(&mut data, f.dim);
     Tensor::from_data(TensorData::new(data, [f.n, f.dim]), device)
 }
 
