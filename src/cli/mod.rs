@@ -195,6 +195,14 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Time the input pipeline alone (read, decode, augment, normalise) on the recipe's
+        /// training data instead of the model: `--steps` batches with one worker, then with
+        /// `--workers`.
+        #[arg(long)]
+        data: bool,
+        /// Worker threads for `--data` (default: the recipe's data.workers).
+        #[arg(long, requires = "data")]
+        workers: Option<usize>,
     },
     /// Check that a device computes what the CPU does: one training step of the recipe's model
     /// with the same weights, images and masks, in f32 and with bf16 products; exit 1 if they
@@ -406,15 +414,40 @@ fn dispatch(command: Command) -> Result<(), Error> {
             warmup,
             device,
             json,
+            data,
+            workers,
         } => {
             let r = load(&recipe.recipe, &recipe.sets)?;
-            let device = device_for(device.as_deref(), &r)?;
             let batch = batch.unwrap_or(r.train.batch_size);
-            if batch == 0 || steps == 0 {
+            if batch == 0 || steps == 0 || workers == Some(0) {
                 return Err(Error::command_line(
-                    "--batch and --steps must be at least 1",
+                    "--batch, --steps and --workers must be at least 1",
                 ));
             }
+            if data {
+                let workers = workers.unwrap_or(r.data.workers);
+                let res = bench::bench_pipeline(&r, batch, steps, workers)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&res).map_err(|e| Error::Failed(e.to_string()))?
+                    );
+                } else {
+                    println!(
+                        "{} input pipeline: {} images of {}x{} in batches of {batch}: {:.0} images/s on 1 worker (one core), {:.0} images/s on {workers} workers ({:.2}x, {} cores busy)",
+                        r.name,
+                        res.images,
+                        r.data.image_size,
+                        r.data.image_size,
+                        res.per_core,
+                        res.with_workers,
+                        res.with_workers / res.per_core,
+                        res.cores_busy.map(|c| format!("{c:.2}")).unwrap_or("n/a".into()),
+                    );
+                }
+                return Ok(());
+            }
+            let device = device_for(device.as_deref(), &r)?;
             let res = bench::bench(&r, &device, batch, steps, warmup)?;
             if json {
                 println!(

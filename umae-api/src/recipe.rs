@@ -79,6 +79,12 @@ pub enum DataFormat {
     Cifar,
     /// `root/train/<class>/*.{png,jpg}` and `root/val/<class>/...`.
     ImageFolder,
+    /// Every `.png`/`.jpg` under `root` (or `root/train`, `root/val`), in any sub-folder, without
+    /// labels: for pretraining on unlabeled collections.
+    Images,
+    /// WebDataset-style tar shards: `root/*.tar` (or `root/train/*.tar`, `root/val/*.tar`), each
+    /// sample a `KEY.jpg` (or `.jpeg`, `.png`) member with an optional `KEY.cls` label.
+    Shards,
     /// Random images with class-dependent structure, for tests and benchmarks.
     Synthetic,
 }
@@ -93,6 +99,20 @@ pub struct AugmentSpec {
     pub crop_ratio: (f64, f64),
     /// Flip horizontally with probability 0.5.
     pub hflip: bool,
+    /// Resampling filter of the crop, antialiased when shrinking (as Pillow's); evaluation
+    /// resizes with the same filter.
+    pub interpolation: Interpolation,
+}
+
+/// Resampling filter (`data.augment.interpolation`), Pillow's definitions: a convolution whose
+/// support widens with the downscaling factor, so shrinking averages instead of aliasing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Interpolation {
+    /// Cubic convolution with a = -0.5 (MAE's `interpolation=3`).
+    #[default]
+    Bicubic,
+    /// Triangle filter.
+    Bilinear,
 }
 
 impl Default for AugmentSpec {
@@ -101,6 +121,7 @@ impl Default for AugmentSpec {
             crop_scale: (0.2, 1.0),
             crop_ratio: (3.0 / 4.0, 4.0 / 3.0),
             hflip: true,
+            interpolation: Interpolation::Bicubic,
         }
     }
 }
@@ -131,6 +152,9 @@ pub struct DataSpec {
     pub synthetic_size: usize,
     /// Unreadable images (corrupt or truncated files): `Fail` (default) or `Skip`.
     pub bad_images: BadImages,
+    /// `Shards`: samples held in the shuffle buffer (the order within an epoch mixes samples at
+    /// most this far apart in the shards, which are themselves shuffled).
+    pub shuffle_buffer: usize,
 }
 
 impl Default for DataSpec {
@@ -149,6 +173,7 @@ impl Default for DataSpec {
             workers: 2,
             synthetic_size: 512,
             bad_images: BadImages::Fail,
+            shuffle_buffer: 1000,
         }
     }
 }
@@ -423,6 +448,22 @@ impl Default for EvalSpec {
     }
 }
 
+impl EvalSpec {
+    /// The evaluations that measure class accuracy (and so need labels), each as the setting
+    /// that turns it off.
+    pub fn needs_labels(&self) -> Vec<&'static str> {
+        [
+            (self.online_probe, "online_probe: false"),
+            (self.linear.is_some(), "linear: None"),
+            (self.knn.is_some(), "knn: None"),
+            (self.finetune.is_some(), "finetune: None"),
+        ]
+        .into_iter()
+        .filter_map(|(on, off)| on.then_some(off))
+        .collect()
+    }
+}
+
 /// `output: (...)`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -646,6 +687,7 @@ impl Recipe {
             ("data", "channels", self.data.channels),
             ("data", "num_classes", self.data.num_classes),
             ("data", "workers", self.data.workers),
+            ("data", "shuffle_buffer", self.data.shuffle_buffer),
         ];
         for (section, field, v) in positive {
             if v == 0 {
@@ -713,6 +755,16 @@ impl Recipe {
             return Err(RecipeError::new(
                 at("data", "std"),
                 "data.std values must be > 0",
+            ));
+        }
+        let needs = self.eval.needs_labels();
+        if d.format == DataFormat::Images && !needs.is_empty() {
+            return Err(RecipeError::new(
+                at("data", "format"),
+                format!(
+                    "data.format Images has no labels, but the eval section measures class accuracy: set eval: ({}) to pretrain without labels (eval.erank_samples needs none), or use format: ImageFolder with one folder per class",
+                    needs.join(", ")
+                ),
             ));
         }
         if let Some(a) = &d.augment {

@@ -1,4 +1,5 @@
-//! `umae bench`: time training steps on synthetic input of a recipe's shape.
+//! `umae bench`: time training steps on synthetic input of a recipe's shape, or the input
+//! pipeline alone on the recipe's data.
 
 use std::time::Instant;
 
@@ -96,6 +97,66 @@ pub fn bench(
         images_per_s: (batch * steps) as f64 / seconds,
         ms_per_step: seconds * 1000.0 / steps as f64,
         peak_rss_mib: peak_rss_mib(),
+        cores_busy,
+    })
+}
+
+/// `umae bench --data`: the input pipeline alone (read, decode, augment, normalise into the
+/// batch tensor the step takes) on the recipe's training data.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PipelineBench {
+    pub batch: usize,
+    /// Images timed in each measurement.
+    pub images: usize,
+    /// With one worker thread: the rate of one core.
+    pub per_core: f64,
+    pub workers: usize,
+    /// With `workers` worker threads.
+    pub with_workers: f64,
+    /// CPU time over wall time during the `workers` measurement.
+    pub cores_busy: Option<f64>,
+}
+
+/// Time `batches` batches of the training pipeline with one worker and with `workers`, after
+/// one untimed pass over the same images (so files come from the page cache in both).
+pub fn bench_pipeline(
+    recipe: &Recipe,
+    batch: usize,
+    batches: usize,
+    workers: usize,
+) -> crate::Result<PipelineBench> {
+    let set = crate::data::open(&recipe.data, crate::data::Split::Train, recipe.seed)?;
+    let pipe = crate::data::Pipeline::new(set.clone(), &recipe.data, true, recipe.seed);
+    let images = batch * batches;
+    let mut order = Vec::with_capacity(images);
+    for epoch in 0.. {
+        if order.len() >= images {
+            break;
+        }
+        order.extend(set.epoch_order(recipe.seed, epoch));
+    }
+    order.truncate(images);
+    let pass = |w: usize| -> crate::Result<f64> {
+        let t0 = Instant::now();
+        for b in crate::data::Loader::start(&pipe, order.clone(), batch, false, 0, w) {
+            b.map_err(crate::Error::data)?;
+        }
+        Ok(images as f64 / t0.elapsed().as_secs_f64())
+    };
+    pass(workers)?;
+    let per_core = pass(1)?;
+    let cpu0 = process_cpu_seconds();
+    let t0 = Instant::now();
+    let with_workers = pass(workers)?;
+    let cores_busy = process_cpu_seconds()
+        .zip(cpu0)
+        .map(|(end, start)| (end - start) / t0.elapsed().as_secs_f64());
+    Ok(PipelineBench {
+        batch,
+        images,
+        per_core,
+        workers,
+        with_workers,
         cores_busy,
     })
 }

@@ -12,6 +12,7 @@ use crate::checkpoint::{self, HostTensor};
 use crate::data::{self, Dataset, Loader, Pipeline, Split};
 use crate::model::{images_tensor, Model};
 use crate::progress;
+use umae_api::recipe::DataFormat;
 
 /// Which feature of the encoder output to use: the recipe's `eval.pool` type.
 pub use umae_api::recipe::FeaturePool as Pool;
@@ -229,6 +230,15 @@ pub fn feature_set(
     device: &Device,
     use_cache: bool,
 ) -> crate::Result<FeatureSet> {
+    let d = &loaded.recipe.data;
+    if matches!(d.format, DataFormat::Images | DataFormat::Shards)
+        && !data::open(d, Split::Train, loaded.recipe.seed)?.labeled()
+    {
+        return Err(crate::Error::data(format!(
+            "{}: the data has no labels, and the linear probe and kNN measure class accuracy: evaluate on labeled data (format: ImageFolder, or shards with KEY.cls members)",
+            d.root
+        )));
+    }
     let (train, c1) = features(
         loaded,
         Split::Train,

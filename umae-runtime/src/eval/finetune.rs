@@ -87,6 +87,12 @@ pub fn finetune(
     };
     let peak = spec.blr * spec.batch_size as f64 / 256.0;
     let train_set = data::open(&recipe.data, Split::Train, recipe.seed)?;
+    if !train_set.labeled() {
+        return Err(crate::Error::data(format!(
+            "{}: the data has no labels, and fine-tuning trains a classifier: fine-tune on labeled data (format: ImageFolder, or shards with KEY.cls members)",
+            recipe.data.root
+        )));
+    }
     let test_set = data::open(&recipe.data, Split::Eval, recipe.seed)?;
     let batch = spec.batch_size.min(train_set.len());
     let steps = train_set.len() / batch;

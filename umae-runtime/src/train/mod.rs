@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use umae_api::recipe::Recipe;
-use umae_api::{Device, Rng};
+use umae_api::Device;
 
 pub use evaluate::{finetune_eval, offline_eval};
 pub use metrics::append_jsonl;
@@ -241,8 +241,7 @@ impl<'a> Trainer<'a> {
         // and augmentations (drawn per epoch and image), minus the batches already trained.
         let first = std::mem::take(&mut state.epoch_step).min(p.steps_per_epoch);
         let per_step = p.accum * p.batch;
-        let order =
-            Rng::derive(recipe.seed, &[epoch as u64, 0xDA7A]).permutation(self.train_set.len());
+        let order = self.train_set.epoch_order(recipe.seed, epoch as u64);
         let order = order[first * per_step..p.steps_per_epoch * per_step].to_vec();
         let mut loader = Loader::start(
             &self.train_pipe,

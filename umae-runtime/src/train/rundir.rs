@@ -32,6 +32,11 @@ pub(super) fn prepare(recipe: &Recipe, opts: &RunOptions) -> crate::Result<Arc<d
         )));
     }
     let train_set = data::open(&recipe.data, Split::Train, recipe.seed)?;
+    if !train_set.labeled() {
+        if let Some(why) = data::labels_needed(recipe) {
+            return Err(Error::recipe(why));
+        }
+    }
     if run_dir.exists() && !run_dir.is_dir() {
         return Err(Error::run_dir(format!(
             "--output {} is a file, not a directory",
