@@ -13,6 +13,6 @@ WORKERS=${WORKERS:-$(nproc)}
 for r in $(seq "$ROUNDS"); do
     echo "round $r"
     "$PYTHON" scripts/pillow-pipeline.py "$dir" | tail -n 2
-    "$UMAE" bench recipes/mae-vitb.ron --data --set "data.root=\"$dir\"" --set data.format=Images \
+    "$UMAE" bench recipes/mae-vitb.ron --data --set "data.root=\"$dir\"" --set data.format=Images --set eval.online_probe=false \
         --batch 64 --steps 10 --workers "$WORKERS"
 done

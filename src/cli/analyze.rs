@@ -132,10 +132,7 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Error> {
             let path = analysis::analysis_dir(run_dir.as_deref(), &recipe.name).join("rank.json");
             analysis::write_json(&path, &points).map_err(Error::Failed)?;
             if source.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&points).map_err(|e| Error::Failed(e.to_string()))?
-                );
+                super::print_json(&points)?;
             } else {
                 println!("wrote {}", path.display());
             }
@@ -181,10 +178,7 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Error> {
             let path = out_dir(&loaded).join("mask-ratio.json");
             analysis::write_json(&path, &study).map_err(Error::Failed)?;
             if source.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&study).map_err(|e| Error::Failed(e.to_string()))?
-                );
+                super::print_json(&study)?;
             } else {
                 println!(
                     "{} images of {} classes, {} patches each, {:?} patch distance, {} draws",

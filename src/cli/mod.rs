@@ -428,10 +428,7 @@ fn dispatch(command: Command) -> Result<(), Error> {
                 let workers = workers.unwrap_or(r.data.workers);
                 let res = bench::bench_pipeline(&r, batch, steps, workers)?;
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string(&res).map_err(|e| Error::Failed(e.to_string()))?
-                    );
+                    print_json(&res)?;
                 } else {
                     println!(
                         "{} input pipeline: {} images of {}x{} in batches of {batch}: {:.0} images/s on 1 worker (one core), {:.0} images/s on {workers} workers ({:.2}x, {} cores busy)",
@@ -450,10 +447,7 @@ fn dispatch(command: Command) -> Result<(), Error> {
             let device = device_for(device.as_deref(), &r)?;
             let res = bench::bench(&r, &device, batch, steps, warmup)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&res).map_err(|e| Error::Failed(e.to_string()))?
-                );
+                print_json(&res)?;
             } else {
                 println!(
                     "{}: batch {batch}, {steps} steps in {:.2}s: {:.1} images/s, {:.1} ms/step, {} cores busy, peak memory {}",
@@ -500,6 +494,13 @@ fn dispatch(command: Command) -> Result<(), Error> {
             }
         }
     }
+}
+
+/// One line of JSON on stdout.
+pub(crate) fn print_json(value: &impl umae_api::serde::Serialize) -> Result<(), Error> {
+    let line = serde_json::to_string(value).map_err(|e| Error::Failed(e.to_string()))?;
+    println!("{line}");
+    Ok(())
 }
 
 fn plugins(kind: Option<&str>) -> Result<(), Error> {

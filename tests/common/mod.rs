@@ -54,3 +54,22 @@ pub fn metrics_rows(run_dir: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// A finished run's weights at checkpoint `name` and its epoch rows without their timings: what
+/// must match between an uninterrupted run and one stopped and resumed.
+#[allow(dead_code)]
+pub fn outcome(dir: &Path, name: &str) -> (Vec<u8>, Vec<String>) {
+    let weights =
+        std::fs::read(dir.join("checkpoints").join(name).join("model.safetensors")).unwrap();
+    let rows = metrics_rows(dir)
+        .into_iter()
+        .filter(|r| r["kind"] == "epoch")
+        .map(|mut r| {
+            let o = r.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("images_per_s");
+            r.to_string()
+        })
+        .collect();
+    (weights, rows)
+}
