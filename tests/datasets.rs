@@ -306,8 +306,6 @@ fn bench_data_times_the_input_pipeline() {
         "recipes/mae-vitb.ron",
         "--data",
         "--set",
-        "data.format=Images",
-        "--set",
         "data.root=\"/nonexistent\"",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
