@@ -96,6 +96,25 @@ fn evaluations_analyses_and_figures_of_a_run() {
     let o = run(&["eval", "knn", rd]);
     assert!(text(&o).contains("cached features"), "{}", text(&o));
 
+    // The exact probe on the same cached features fits the training split at least as well as
+    // the 3-epoch LARS schedule, and says how many iterations it took.
+    let o = run(&["eval", "linear", rd, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lars = json_line(&o);
+    let o = run(&["eval", "linear", rd, "--optimizer", "lbfgs", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lbfgs = json_line(&o);
+    assert!(
+        lbfgs["iterations"].as_u64().is_some_and(|i| i > 0),
+        "{lbfgs}"
+    );
+    assert!(
+        lbfgs["train_top1"].as_f64().unwrap() >= lars["train_top1"].as_f64().unwrap(),
+        "L-BFGS {lbfgs} vs LARS {lars}"
+    );
+    let o = run(&["eval", "linear", rd, "--optimizer", "lbfgs", "--l2=-1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+
     // Effective rank over both checkpoints; the last equals the one logged in training.
     let o = run(&["analyze", "rank", rd, "--samples", "64", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -237,7 +256,7 @@ fn bad_sources_and_options_are_clear_errors() {
         "adam",
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("lars or sgd"), "{}", text(&o));
+    assert!(text(&o).contains("lars, sgd or lbfgs"), "{}", text(&o));
 
     // The identity encoder cannot be pretrained.
     let o = run(&[

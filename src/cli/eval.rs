@@ -63,9 +63,14 @@ pub enum EvalCommand {
         blr: f64,
         #[arg(long, default_value_t = LinearSpec::default().warmup_epochs)]
         warmup: usize,
-        /// lars or sgd.
+        /// lars, sgd, or lbfgs (full-batch logistic regression on standardised features, to
+        /// convergence; --epochs, --batch, --blr and --warmup do not apply).
         #[arg(long, default_value = "lars")]
         optimizer: String,
+        /// lbfgs: the L2 penalty on the mean loss (default 1 / training images, scikit-learn's
+        /// C = 1).
+        #[arg(long)]
+        l2: Option<f64>,
     },
     /// Full fine-tuning with a linear head (MAE's protocol: layer-wise lr decay, label smoothing,
     /// drop path, AdamW, warmup + cosine); test top-1/top-5 after every epoch. The run's
@@ -153,16 +158,21 @@ pub fn run(cmd: EvalCommand) -> Result<(), Error> {
             blr,
             warmup,
             optimizer,
+            l2,
         } => {
             let optimizer = match optimizer.as_str() {
                 "lars" => ProbeOptimizer::Lars,
                 "sgd" => ProbeOptimizer::Sgd,
+                "lbfgs" => ProbeOptimizer::Lbfgs,
                 o => {
                     return Err(Error::command_line(format!(
-                        "unknown optimizer `{o}`: use lars or sgd"
+                        "unknown optimizer `{o}`: use lars, sgd or lbfgs"
                     )))
                 }
             };
+            if l2.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                return Err(Error::command_line("--l2 must be a finite number >= 0"));
+            }
             if epochs == 0 || batch == 0 || blr.is_nan() || blr <= 0.0 || warmup > epochs {
                 return Err(Error::command_line(format!(
                     "need epochs >= 1, batch >= 1, blr > 0 and warmup <= epochs (got {epochs}, {batch}, {blr}, {warmup})"
@@ -174,6 +184,7 @@ pub fn run(cmd: EvalCommand) -> Result<(), Error> {
                 blr,
                 warmup_epochs: warmup,
                 optimizer,
+                l2,
                 ..LinearSpec::default()
             };
             let (loaded, device, fs) = feature_set(&source)?;
@@ -183,7 +194,7 @@ pub fn run(cmd: EvalCommand) -> Result<(), Error> {
                 "kind": "linear", "model": loaded.label, "step": loaded.step,
                 "pool": source.pool, "train_images": fs.train.n, "test_images": fs.test.n,
                 "dim": fs.train.dim, "spec": spec, "top1": r.test.top1, "top5": r.test.top5,
-                "train_top1": r.train_top1, "lr": r.lr,
+                "train_top1": r.train_top1, "lr": r.lr, "iterations": r.iterations,
             });
             record(&loaded, &row)?;
             if source.json {

@@ -320,6 +320,10 @@ pub enum ProbeOptimizer {
     Lars,
     /// SGD with momentum.
     Sgd,
+    /// Multinomial logistic regression on standardised features, full batch, by L-BFGS with a
+    /// strong-Wolfe line search and an L2 penalty, to convergence (the classic protocol for
+    /// frozen features that fit in memory; `epochs`, `batch_size`, `blr` do not apply).
+    Lbfgs,
 }
 
 /// Offline linear probe (MAE's protocol; the batch is sized for small datasets).
@@ -335,6 +339,11 @@ pub struct LinearSpec {
     pub momentum: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// `Lbfgs`: the L2 penalty lambda on the mean loss, `lambda / 2 * |W|^2`; `None`: 1 / the
+    /// number of training images (scikit-learn's `C = 1`).
+    pub l2: Option<f64>,
+    /// `Lbfgs`: at most this many iterations.
+    pub max_iter: usize,
 }
 
 impl Default for LinearSpec {
@@ -348,6 +357,8 @@ impl Default for LinearSpec {
             momentum: 0.9,
             weight_decay: 0.0,
             seed: 0,
+            l2: None,
+            max_iter: 1000,
         }
     }
 }
@@ -756,6 +767,14 @@ impl Recipe {
                 at("data", "std"),
                 "data.std values must be > 0",
             ));
+        }
+        if let Some(l2) = self.eval.linear.as_ref().and_then(|l| l.l2) {
+            if !(l2.is_finite() && l2 >= 0.0) {
+                return Err(RecipeError::new(
+                    at("eval", "linear"),
+                    format!("eval.linear.l2 must be a finite number >= 0, found {l2}"),
+                ));
+            }
         }
         let needs = self.eval.needs_labels();
         if d.format == DataFormat::Images && !needs.is_empty() {

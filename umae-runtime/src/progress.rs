@@ -32,3 +32,19 @@ pub fn finish(bar: Option<ProgressBar>) {
         b.finish_and_clear();
     }
 }
+
+/// A spinner with a message for work of unknown length, or `None` when stderr is not a
+/// terminal.
+pub fn spinner(what: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = ProgressBar::new_spinner();
+    b.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} {msg} ({elapsed})")
+            .expect("valid template"),
+    );
+    b.set_prefix(what.to_string());
+    b.enable_steady_tick(std::time::Duration::from_millis(200));
+    Some(b)
+}

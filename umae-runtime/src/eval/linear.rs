@@ -3,6 +3,8 @@
 //! Linear probe: BatchNorm without affine parameters, then a linear layer, trained with
 //! cross-entropy and no weight decay by LARS (MAE's choice) or SGD with momentum, lr =
 //! blr * batch / 256 with linear warmup and a half-cosine decay, per iteration.
+//! With `optimizer: Lbfgs`: multinomial logistic regression on features standardised with the
+//! training split's mean and std, full batch, minimised by L-BFGS to convergence.
 //! kNN: cosine similarity on L2-normalised features, the k nearest training samples vote with
 //! weight exp(sim / T) (as in InstDisc/DINO).
 
@@ -31,6 +33,9 @@ pub struct LinearResult {
     pub final_loss: f64,
     pub epochs: usize,
     pub lr: f64,
+    /// L-BFGS iterations (`optimizer: Lbfgs`).
+    #[serde(default)]
+    pub iterations: Option<usize>,
 }
 
 fn to_device(f: &Features, device: &Device) -> Tensor<Inner, 2> {
@@ -92,6 +97,9 @@ pub fn linear_probe(
     device: &Device,
 ) -> Result<LinearResult, String> {
     check(train, test, classes)?;
+    if spec.optimizer == ProbeOptimizer::Lbfgs {
+        return lbfgs_probe(train, test, classes, spec, device);
+    }
     if spec.batch_size == 0 || spec.epochs == 0 {
         return Err("linear probe: epochs and batch_size must be at least 1".into());
     }
@@ -162,7 +170,8 @@ pub fn linear_probe(
             last_loss = loss.detach();
             let gw = gw + w.clone() * spec.weight_decay;
             let gw = match spec.optimizer {
-                ProbeOptimizer::Sgd => gw,
+                // (Lbfgs returned above.)
+                ProbeOptimizer::Sgd | ProbeOptimizer::Lbfgs => gw,
                 ProbeOptimizer::Lars => {
                     // trust = eta * |w| / |g| where both are non-zero, else 1.
                     let pn = w.clone().powf_scalar(2.0).sum().sqrt();
@@ -207,6 +216,172 @@ pub fn linear_probe(
         final_loss,
         epochs: spec.epochs,
         lr: lr_peak,
+        iterations: None,
+    })
+}
+
+/// Per-feature mean and std of `f` (a std of 0 counts as 1).
+fn moments(f: &Features) -> (Vec<f64>, Vec<f64>) {
+    let (n, d) = (f.n as f64, f.dim);
+    let mut mean = vec![0.0; d];
+    for row in f.data.chunks_exact(d) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += *v as f64 / n;
+        }
+    }
+    let mut var = vec![0.0; d];
+    for row in f.data.chunks_exact(d) {
+        for ((s, v), m) in var.iter_mut().zip(row).zip(&mean) {
+            *s += (*v as f64 - m).powi(2) / n;
+        }
+    }
+    let std = var
+        .into_iter()
+        .map(|v| if v > 0.0 { v.sqrt() } else { 1.0 })
+        .collect();
+    (mean, std)
+}
+
+fn standardized(f: &Features, mean: &[f64], std: &[f64], device: &Device) -> Tensor<Inner, 2> {
+    let data: Vec<f32> = f
+        .data
+        .chunks_exact(f.dim)
+        .flat_map(|row| {
+            row.iter()
+                .zip(mean)
+                .zip(std)
+                .map(|((v, m), s)| ((*v as f64 - m) / s) as f32)
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(data, [f.n, f.dim]), device)
+}
+
+fn host(t: Tensor<Inner, 2>) -> Result<Vec<f32>, String> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// `optimizer: Lbfgs`: minimise the mean cross-entropy of `softmax(Z W + b)` plus
+/// `l2 / 2 * |W|^2` over the whole training split. The products run on `device` in f32; the
+/// softmax, the loss and the optimiser's state are f64 on the host.
+fn lbfgs_probe(
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    spec: &LinearSpec,
+    device: &Device,
+) -> Result<LinearResult, String> {
+    let (n, d, c) = (train.n, train.dim, classes);
+    let l2 = spec.l2.unwrap_or(1.0 / n as f64);
+    if !(l2.is_finite() && l2 >= 0.0) || spec.max_iter == 0 {
+        return Err(format!(
+            "linear probe: l2 must be a finite number >= 0 and max_iter at least 1 (got {l2}, {})",
+            spec.max_iter
+        ));
+    }
+    let (mean, std) = moments(train);
+    let z = standardized(train, &mean, &std, device);
+    let zt = z.clone().transpose();
+    let weights = |x: &[f64]| -> Tensor<Inner, 2> {
+        let w: Vec<f32> = x[..d * c].iter().map(|v| *v as f32).collect();
+        Tensor::from_data(TensorData::new(w, [d, c]), device)
+    };
+    // Row-wise softmax of `logits + b` with the loss against `labels`; `grad` (when given)
+    // receives (p - onehot) / n.
+    let softmax_loss =
+        |logits: &[f32], b: &[f64], labels: &[i64], mut grad: Option<&mut Vec<f32>>| {
+            let mut loss = 0.0;
+            let mut row = vec![0.0f64; c];
+            for (i, (l, &y)) in logits.chunks_exact(c).zip(labels).enumerate() {
+                for ((r, v), bj) in row.iter_mut().zip(l).zip(b) {
+                    *r = *v as f64 + bj;
+                }
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, v| a.max(*v));
+                let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                loss += lse - row[y as usize];
+                if let Some(g) = grad.as_deref_mut() {
+                    for j in 0..c {
+                        let p = (row[j] - lse).exp() - f64::from(j == y as usize);
+                        g[i * c + j] = (p / labels.len() as f64) as f32;
+                    }
+                }
+            }
+            loss / labels.len() as f64
+        };
+    let objective = |x: &[f64]| -> Result<(f64, Vec<f64>), String> {
+        let logits = host(z.clone().matmul(weights(x)))?;
+        let mut g = vec![0.0f32; n * c];
+        let mut loss = softmax_loss(&logits, &x[d * c..], &train.labels, Some(&mut g));
+        let mut grad = vec![0.0; d * c + c];
+        for row in g.chunks_exact(c) {
+            for (gb, v) in grad[d * c..].iter_mut().zip(row) {
+                *gb += *v as f64;
+            }
+        }
+        let gt: Tensor<Inner, 2> = Tensor::from_data(TensorData::new(g, [n, c]), device);
+        let gw = host(zt.clone().matmul(gt))?;
+        for ((gi, v), w) in grad.iter_mut().zip(&gw).zip(&x[..d * c]) {
+            *gi = *v as f64 + l2 * w;
+            loss += 0.5 * l2 * w * w;
+        }
+        Ok((loss, grad))
+    };
+    let bar = progress::spinner("linear probe (L-BFGS)");
+    let opts = crate::eval::lbfgs::Options {
+        max_iter: spec.max_iter,
+        // The products are f32: progress below about 1e-9 of the loss is rounding.
+        ftol: 1e-9,
+        ..Default::default()
+    };
+    let mut evals = 0usize;
+    let m = crate::eval::lbfgs::minimize(
+        |x| {
+            evals += 1;
+            if let Some(b) = &bar {
+                b.set_message(format!("{evals} evaluations"));
+            }
+            objective(x)
+        },
+        vec![0.0; d * c + c],
+        &opts,
+    )?;
+    progress::finish(bar);
+    if !m.value.is_finite() {
+        return Err(format!(
+            "the L-BFGS linear probe diverged (loss {})",
+            m.value
+        ));
+    }
+    let b = &m.x[d * c..];
+    let top1 = |f: &Features, zf: Tensor<Inner, 2>| -> Result<(usize, usize), String> {
+        let mut logits = host(zf.matmul(weights(&m.x)))?;
+        for row in logits.chunks_exact_mut(c) {
+            for (v, bj) in row.iter_mut().zip(b) {
+                *v += *bj as f32;
+            }
+        }
+        Ok(accuracy(&logits, &f.labels, c))
+    };
+    let (train_hits, _) = top1(train, z)?;
+    let (t1, t5) = top1(test, standardized(test, &mean, &std, device))?;
+    tracing::debug!(
+        "L-BFGS probe: {} iterations, {} evaluations, stopped on {:?}",
+        m.iterations,
+        m.evaluations,
+        m.stop
+    );
+    Ok(LinearResult {
+        test: Accuracy {
+            top1: t1 as f64 / test.n as f64,
+            top5: t5 as f64 / test.n as f64,
+        },
+        train_top1: train_hits as f64 / n as f64,
+        final_loss: m.value,
+        epochs: 0,
+        lr: 0.0,
+        iterations: Some(m.iterations),
     })
 }
 
@@ -323,6 +498,69 @@ mod tests {
             assert!(r.test.top1 > 0.95, "{opt:?}: {r:?}");
             assert_eq!(r.test.top5, 1.0);
         }
+    }
+
+    #[test]
+    fn lbfgs_probe_reaches_the_hand_solved_optimum() {
+        // Half the points at x = +1 (class 1), half at x = -1 (class 0): by symmetry the
+        // weights are w1 = -w0 = a and the objective is log(1 + e^(-2a)) + l2 a^2, minimal
+        // where l2 a = sigmoid(-2a).
+        let l2 = 0.1;
+        let feats = Features {
+            data: (0..100)
+                .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+                .collect(),
+            labels: (0..100).map(|i| if i % 2 == 0 { 1 } else { 0 }).collect(),
+            n: 100,
+            dim: 1,
+        };
+        let (mut lo, mut hi) = (0.0f64, 10.0f64);
+        for _ in 0..200 {
+            let a = 0.5 * (lo + hi);
+            if l2 * a < 1.0 / (1.0 + (2.0 * a).exp()) {
+                lo = a;
+            } else {
+                hi = a;
+            }
+        }
+        let a = 0.5 * (lo + hi);
+        let optimum = (1.0 + (-2.0 * a).exp()).ln() + l2 * a * a;
+        let spec = LinearSpec {
+            optimizer: ProbeOptimizer::Lbfgs,
+            l2: Some(l2),
+            ..LinearSpec::default()
+        };
+        let r = linear_probe(&feats, &feats, 2, &spec, &cpu()).unwrap();
+        assert!(
+            (r.final_loss - optimum).abs() < 1e-6,
+            "loss {} against {optimum} (a = {a}): {r:?}",
+            r.final_loss
+        );
+        assert_eq!((r.test.top1, r.train_top1), (1.0, 1.0));
+        assert!(r.iterations.is_some_and(|i| i < 100), "{r:?}");
+    }
+
+    #[test]
+    fn lbfgs_probe_matches_lars_on_separable_blobs() {
+        let (train, test) = (blobs(600, 4, 1), blobs(200, 4, 2));
+        let lars = LinearSpec {
+            epochs: 30,
+            batch_size: 64,
+            warmup_epochs: 1,
+            blr: 25.6,
+            ..LinearSpec::default()
+        };
+        let lbfgs = LinearSpec {
+            optimizer: ProbeOptimizer::Lbfgs,
+            ..LinearSpec::default()
+        };
+        let a = linear_probe(&train, &test, 4, &lars, &cpu()).unwrap();
+        let b = linear_probe(&train, &test, 4, &lbfgs, &cpu()).unwrap();
+        assert!(
+            b.test.top1 > 0.95 && b.test.top1 >= a.test.top1 - 0.01,
+            "LARS {a:?}, L-BFGS {b:?}"
+        );
+        assert!(b.final_loss.is_finite() && b.final_loss < 0.2, "{b:?}");
     }
 
     #[test]

@@ -3,4 +3,5 @@
 
 pub mod features;
 pub mod finetune;
+pub mod lbfgs;
 pub mod linear;

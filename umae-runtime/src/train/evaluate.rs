@@ -75,6 +75,26 @@ pub fn finetune_eval(
     Ok(Some(row))
 }
 
+/// `f` on `model` with the encoder's and the probe's parameters untracked, then tracked again:
+/// burn keeps the autodiff graph of a forward pass that never runs backward alive, so an
+/// evaluation on the training model would otherwise hold the activations of the whole test
+/// split, every epoch.
+pub(super) fn untracked<T>(model: &mut Model, f: impl FnOnce(&Model) -> T) -> T {
+    use umae_api::burn::module::Module;
+    model.encoder.set_trainable(false);
+    let head = model.probe.as_mut().map(|p| {
+        let tracked = p.head.clone();
+        p.head = tracked.clone().no_grad();
+        tracked
+    });
+    let out = f(model);
+    model.encoder.set_trainable(true);
+    if let (Some(p), Some(h)) = (model.probe.as_mut(), head) {
+        p.head = h;
+    }
+    out
+}
+
 /// The online probe's top-1 accuracy on the test split.
 pub(super) fn probe_accuracy(
     model: &Model,

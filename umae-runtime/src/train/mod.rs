@@ -489,17 +489,36 @@ impl<'a> Trainer<'a> {
         if self.norm.is_some() {
             row.insert("probe.train_acc".into(), json!(probe_train_acc));
         }
-        if let (Some(n), Some(p)) = (self.norm.as_mut(), &self.eval_pipe) {
-            let acc = evaluate::probe_accuracy(&self.model, n, p, batch, device)?;
+        let done = row["epoch"].as_u64().unwrap_or(0) as usize;
+        let due = done.is_multiple_of(recipe.eval.erank_every.max(1)) || done == self.plan.epochs;
+        let (norm, eval_pipe) = (&mut self.norm, &self.eval_pipe);
+        let (acc, erank) = evaluate::untracked(&mut self.model, |model| -> crate::Result<_> {
+            let acc = match (norm.as_mut(), eval_pipe) {
+                (Some(n), Some(p)) => Some(evaluate::probe_accuracy(model, n, p, batch, device)?),
+                _ => None,
+            };
+            let erank = match (recipe.eval.erank_samples > 0, due, eval_pipe) {
+                (true, true, Some(p)) => Some(evaluate::erank(
+                    model,
+                    p,
+                    recipe.eval.erank_samples,
+                    batch,
+                    device,
+                )?),
+                _ => None,
+            };
+            Ok((acc, erank))
+        })?;
+        if let Some(acc) = acc {
             row.insert("probe.test_acc".into(), json!(acc));
             self.summary.probe_accuracy = Some(acc);
         }
-        let done = row["epoch"].as_u64().unwrap_or(0) as usize;
-        let due = done.is_multiple_of(recipe.eval.erank_every.max(1)) || done == self.plan.epochs;
-        if let (true, true, Some(p)) = (recipe.eval.erank_samples > 0, due, &self.eval_pipe) {
-            let e = evaluate::erank(&self.model, p, recipe.eval.erank_samples, batch, device)?;
+        if let Some(e) = erank {
             row.insert("erank".into(), json!(e));
             self.summary.erank = Some(e);
+        }
+        if let Some(rss) = crate::bench::rss_mib() {
+            row.insert("rss_mib".into(), json!(rss.round()));
         }
         Ok(())
     }
