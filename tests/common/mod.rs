@@ -55,8 +55,9 @@ pub fn metrics_rows(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A finished run's weights at checkpoint `name` and its epoch rows without their timings: what
-/// must match between an uninterrupted run and one stopped and resumed.
+/// A finished run's weights at checkpoint `name` and its epoch rows without the measurements of
+/// the process (timings, resident memory): what must match between an uninterrupted run and one
+/// stopped and resumed.
 #[allow(dead_code)]
 pub fn outcome(dir: &Path, name: &str) -> (Vec<u8>, Vec<String>) {
     let weights =
@@ -68,6 +69,7 @@ pub fn outcome(dir: &Path, name: &str) -> (Vec<u8>, Vec<String>) {
             let o = r.as_object_mut().unwrap();
             o.remove("seconds");
             o.remove("images_per_s");
+            o.remove("rss_mib");
             r.to_string()
         })
         .collect();
