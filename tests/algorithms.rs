@@ -29,9 +29,9 @@ fn simmim_and_beit_vit_b_have_their_known_sizes() {
         );
         assert_eq!(v["target"][1], 8192);
     }
-    // Fashion-MNIST versions: 128-d, 4 blocks, 16 values per patch, 256 tokens.
+    // Fashion-MNIST versions: 128-d, 4 blocks, 49 values per patch, 256 tokens.
     let fm = check_json("recipes/simmim-fmnist.ron");
-    assert_eq!(fm["decoder"][1], 128 * 16 + 16);
+    assert_eq!(fm["decoder"][1], 128 * 49 + 49);
     let fm = check_json("recipes/beit-fmnist.ron");
     assert_eq!(fm["decoder"][1], 2 * 128 + 128 * 256 + 256);
     assert_eq!(
@@ -131,7 +131,7 @@ fn incompatible_parts_are_refused_naming_both() {
     let o = run(&["check", &r]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        text(&o).contains("masker `block`") && text(&o).contains("patch size 4"),
+        text(&o).contains("masker `block`") && text(&o).contains("patch size 7"),
         "{}",
         text(&o)
     );
@@ -143,7 +143,7 @@ fn incompatible_parts_are_refused_naming_both() {
     );
     let t = text(&run(&["check", &r]));
     assert!(
-        t.contains("masker `blockwise`") && t.contains("49 patches"),
+        t.contains("masker `blockwise`") && t.contains("16 patches"),
         "{t}"
     );
     // A codebook file that is not there.
@@ -229,8 +229,8 @@ fn fashion_mnist_recipes_of_each_family_lower_their_loss() {
         tmp.path(),
         "from-file",
         &format!(
-            "masker: (plugin: \"blockwise\", params: (count: 20, min_block: 4)), \
-             encoder: (plugin: \"vit\", params: (dim: Some(128), depth: Some(4), heads: Some(4), patch: 4, mask_mode: MaskToken)), \
+            "masker: (plugin: \"blockwise\", params: (count: 6, min_block: 2)), \
+             encoder: (plugin: \"vit\", params: (dim: Some(128), depth: Some(4), heads: Some(4), patch: 7, mask_mode: MaskToken)), \
              decoder: (plugin: \"token-head\", params: ()), \
              target: (plugin: \"tokens\", params: (tokenizer: Checkpoint, path: Some(\"{}\")))",
             book.display()

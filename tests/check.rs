@@ -108,9 +108,9 @@ fn misspelled_field_is_located_and_suggested() {
 
 #[test]
 fn wrong_type_and_syntax_error_are_located() {
-    let (code, t) = bad_recipe("d.ron", "batch_size: 128", "batch_size: \"big\"");
+    let (code, t) = bad_recipe("d.ron", "batch_size: 256", "batch_size: \"big\"");
     assert_eq!(code, 2, "{t}");
-    let line = line_of("batch_size: 128");
+    let line = line_of("batch_size: 256");
     assert!(
         t.contains(&format!("d.ron:{line}:")) && t.contains("train.batch_size"),
         "{t}"

@@ -128,3 +128,66 @@ fn damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous_one() {
         text(&o)
     );
 }
+
+/// A run stopped during its final evaluation (after the last checkpoint) resumes into that
+/// evaluation alone: the metrics gain the missing row, the weights stay as they were.
+#[test]
+fn resuming_after_the_last_checkpoint_runs_a_missing_final_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut args: Vec<String> = ["run", "recipes/mae-fmnist.ron", "--output"]
+        .map(String::from)
+        .to_vec();
+    args.push(out.to_str().unwrap().into());
+    args.extend(tiny(2));
+    args.extend([
+        "--set".into(),
+        "eval=(online_probe: false, erank_samples: 0, linear: Some((optimizer: Lbfgs, max_iter: 20)), knn: Some(()))".into(),
+    ]);
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = out.join("metrics.jsonl");
+    let full = std::fs::read_to_string(&metrics).unwrap();
+    let eval_row = full
+        .lines()
+        .find(|l| l.contains("\"kind\":\"eval\""))
+        .expect("an eval row")
+        .to_string();
+    let weights = std::fs::read(out.join("checkpoints/epoch-0002/model.safetensors")).unwrap();
+    // As if killed during the evaluation: everything but its row.
+    let without: String = full
+        .lines()
+        .filter(|l| !l.contains("\"kind\":\"eval\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&metrics, without).unwrap();
+    let o = run(&["run", "--resume", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("final evaluation is missing"),
+        "{}",
+        text(&o)
+    );
+    let rows: Vec<serde_json::Value> = metrics_rows(&out)
+        .into_iter()
+        .filter(|r| r["kind"] == "eval")
+        .collect();
+    assert_eq!(rows.len(), 1);
+    let old: serde_json::Value = serde_json::from_str(&eval_row).unwrap();
+    assert_eq!(rows[0]["linear.top1"], old["linear.top1"]);
+    assert_eq!(rows[0]["knn.top1"], old["knn.top1"]);
+    assert_eq!(
+        std::fs::read(out.join("checkpoints/epoch-0002/model.safetensors")).unwrap(),
+        weights
+    );
+    // Nothing is missing now: a second resume adds nothing.
+    let o = run(&["run", "--resume", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        metrics_rows(&out)
+            .iter()
+            .filter(|r| r["kind"] == "eval")
+            .count(),
+        1
+    );
+}

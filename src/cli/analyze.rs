@@ -8,6 +8,7 @@ use umae_runtime::analysis::plot::{self, Series};
 use umae_runtime::analysis::tsne::TsneSpec;
 use umae_runtime::analysis::{self, MaskRatioSpec, RankPoint, TsneResult};
 use umae_runtime::eval::features::Pool;
+use umae_runtime::train::read_jsonl;
 
 use super::eval::{load, SourceArgs};
 use super::Error;
@@ -262,19 +263,6 @@ pub fn run(cmd: AnalyzeCommand) -> Result<(), Error> {
 }
 
 /// One run's metrics rows.
-fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| format!("{}:{}: not a JSON row: {e}", path.display(), i + 1))
-        })
-        .collect()
-}
-
 fn read_opt<T: umae_api::serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
     if !path.exists() {
         return Ok(None);

@@ -109,6 +109,32 @@ enum Command {
         #[command(flatten)]
         nodes: NodeArgs,
     },
+    /// Train every cell of a grid of overrides with several seeds, each as its own `umae run`
+    /// in DIR/NN-PATH=VALUE-seedS/, then write DIR/summary.md and .csv (mean ± std over seeds
+    /// of the final loss, effective rank and accuracies) and DIR/sweep-PATH.png (each against
+    /// the swept values, error bars of one std). Run it again to continue: finished cells are
+    /// skipped, interrupted ones resume from their checkpoint.
+    Sweep {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// A swept field and its values, e.g. `--grid regularizers.0.weight=0,1e-3,1e-2`
+        /// (repeatable: the cells are every combination). Values are RON, split at top-level
+        /// commas.
+        #[arg(long = "grid", value_name = "PATH=V1,V2,...")]
+        grids: Vec<String>,
+        /// Seeds per combination: the recipe's seed S, S+1, ...
+        #[arg(long, default_value_t = 1)]
+        seeds: usize,
+        /// Cells trained at the same time (the cores are shared out among them).
+        #[arg(long, short, default_value_t = 1)]
+        jobs: usize,
+        /// Device for every cell (as `umae run --device`).
+        #[arg(long)]
+        device: Option<String>,
+        /// Sweep directory (default: runs/<recipe name>-sweep).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Serve the rendezvous of a multi-node run: start it once, then `umae run ... --nodes N
     /// --node-rank R --orchestrator HOST:PORT` on each node. Runs until Ctrl-C.
     Orchestrator {
@@ -241,7 +267,7 @@ pub fn main() -> ExitCode {
                 .map(drop)
                 .map_err(Error::plugin)
         })
-        .and_then(|()| dispatch(cli.command));
+        .and_then(|()| dispatch(cli.command, &cli.plugins));
     exit(result)
 }
 
@@ -269,9 +295,17 @@ pub(crate) fn device_for(flag: Option<&str>, recipe: &Recipe) -> Result<umae_api
     parse_device(name).map_err(Error::command_line)
 }
 
-fn dispatch(command: Command) -> Result<(), Error> {
+fn dispatch(command: Command, plugins: &[PathBuf]) -> Result<(), Error> {
     match command {
-        Command::Plugins { kind } => plugins(kind.as_deref()),
+        Command::Sweep {
+            recipe,
+            grids,
+            seeds,
+            jobs,
+            device,
+            output,
+        } => sweep(recipe, &grids, seeds, jobs, device, output, plugins),
+        Command::Plugins { kind } => list_plugins(kind.as_deref()),
         Command::Orchestrator { port } => {
             println!("orchestrator listening on port {port} (Ctrl-C to stop)");
             umae_runtime::exec::nodes::orchestrator(port).map_err(Error::Failed)
@@ -503,7 +537,69 @@ pub(crate) fn print_json(value: &impl umae_api::serde::Serialize) -> Result<(), 
     Ok(())
 }
 
-fn plugins(kind: Option<&str>) -> Result<(), Error> {
+/// `umae sweep`: run the cells, print where the summary is and what failed.
+fn sweep(
+    recipe: RecipeArgs,
+    grids: &[String],
+    seeds: usize,
+    jobs: usize,
+    device: Option<String>,
+    output: Option<PathBuf>,
+    plugins: &[PathBuf],
+) -> Result<(), Error> {
+    use umae_runtime::sweep::{self, Axis, SweepOptions};
+    let axes = grids
+        .iter()
+        .map(|g| Axis::parse(g).map_err(Error::command_line))
+        .collect::<Result<Vec<_>, _>>()?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Failed(format!("cannot find the umae binary to run the cells: {e}")))?;
+    let report = sweep::run(&SweepOptions {
+        exe,
+        plugins: plugins.to_vec(),
+        recipe: recipe.recipe,
+        sets: recipe.sets,
+        axes,
+        seeds,
+        jobs,
+        device,
+        output,
+    })?;
+    if let Some(e) = &report.figure_error {
+        eprintln!("warning: no figures: {e}");
+    }
+    for f in &report.files {
+        println!("wrote {}", f.display());
+    }
+    let dir = report.dir.display();
+    if report.interrupted {
+        return Err(Error::Interrupted(format!(
+            "sweep stopped: {} of {} cells finished; running cells checkpointed; continue with the same command",
+            report.skipped + report.finished,
+            report.cells
+        )));
+    }
+    if !report.failed.is_empty() {
+        let list: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(c, why)| format!("  {c}: {why}"))
+            .collect();
+        return Err(Error::Failed(format!(
+            "{} of {} cells failed (the summary in {dir} has the others; the same command retries them):\n{}",
+            report.failed.len(),
+            report.cells,
+            list.join("\n")
+        )));
+    }
+    println!(
+        "done: {} cells ({} trained now, {} already finished) -> {dir}",
+        report.cells, report.finished, report.skipped
+    );
+    Ok(())
+}
+
+fn list_plugins(kind: Option<&str>) -> Result<(), Error> {
     let only = match kind {
         None => None,
         Some(k) => Some(

@@ -27,6 +27,7 @@ pub mod optim;
 pub mod plugins;
 pub mod progress;
 pub mod step;
+pub mod sweep;
 pub mod train;
 
 pub use error::{Error, InputKind, Result};

@@ -203,6 +203,104 @@ pub fn panels(path: &Path, charts: &[(&str, &str, &str, Vec<Series>, bool)]) -> 
     root.present().map_err(err(path))
 }
 
+/// A named series of (x index, mean, standard deviation) points for [`error_bar_panels`].
+pub type ErrorSeries = (String, Vec<(usize, f64, Option<f64>)>);
+
+/// Panels of means with one-standard-deviation error bars against categorical x values
+/// (`ticks`, equally spaced in their order), one panel per (title, y label, series).
+pub fn error_bar_panels(
+    path: &Path,
+    x_label: &str,
+    ticks: &[String],
+    charts: &[(String, String, Vec<ErrorSeries>)],
+) -> Result<(), String> {
+    ensure_font()?;
+    let w = 560 * charts.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (w, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let areas = root.split_evenly((1, charts.len().max(1)));
+    let e = |e: DrawingAreaErrorKind<_>| format!("cannot draw {}: {e:?}", path.display());
+    for (area, (title, y_label, series)) in areas.iter().zip(charts) {
+        let (mut y0, mut y1) = (f64::MAX, f64::MIN);
+        for (_, pts) in series {
+            for &(_, m, sd) in pts {
+                let sd = sd.unwrap_or(0.0);
+                if m.is_finite() && sd.is_finite() {
+                    y0 = y0.min(m - sd);
+                    y1 = y1.max(m + sd);
+                }
+            }
+        }
+        if y0 > y1 {
+            area.titled(&format!("{title} (no data)"), ("sans-serif", 20))
+                .map_err(e)?;
+            continue;
+        }
+        let pad = ((y1 - y0) * 0.08).max(1e-6 * y1.abs().max(1.0));
+        let n = ticks.len().max(1);
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.5f64..n as f64 - 0.5, y0 - pad..y1 + pad)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label.as_str())
+            .x_labels(n + 1)
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < ticks.len() {
+                    ticks[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(e)?;
+        for (k, (name, pts)) in series.iter().enumerate() {
+            let c = TAB10[k % 10];
+            // Lines side by side a little, so that error bars do not hide each other.
+            let shift = (k as f64 - (series.len() as f64 - 1.0) / 2.0) * 0.06;
+            let pts: Vec<(f64, f64, f64)> = pts
+                .iter()
+                .filter(|p| p.1.is_finite())
+                .map(|&(x, m, sd)| (x as f64 + shift, m, sd.unwrap_or(0.0)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(
+                    pts.iter().map(|&(x, m, _)| (x, m)),
+                    c.stroke_width(2),
+                ))
+                .map_err(e)?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+            chart
+                .draw_series(
+                    pts.iter().map(|&(x, m, sd)| {
+                        ErrorBar::new_vertical(x, m - sd, m, m + sd, c.filled(), 8)
+                    }),
+                )
+                .map_err(e)?;
+        }
+        if series.len() > 1 || series.first().is_some_and(|s| !s.0.is_empty()) {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .label_font(("sans-serif", 14))
+                .draw()
+                .map_err(e)?;
+        }
+    }
+    root.present().map_err(err(path))
+}
+
 /// Scatter plots of labelled 2-D points, one panel per entry, coloured by class.
 pub fn scatter_panels(
     path: &Path,

@@ -35,7 +35,7 @@ pub(super) fn nonfinite_error(
 
 /// The flag SIGINT and SIGTERM set, cleared for a new run. The handlers are installed once per
 /// process; with the flag already set, a second signal ends the process at once (exit 130).
-pub(super) fn interrupt_flag() -> Result<Arc<AtomicBool>, String> {
+pub(crate) fn interrupt_flag() -> Result<Arc<AtomicBool>, String> {
     static FLAG: std::sync::OnceLock<Result<Arc<AtomicBool>, String>> = std::sync::OnceLock::new();
     let flag = FLAG
         .get_or_init(|| {

@@ -19,6 +19,20 @@ pub fn append_jsonl(path: &Path, row: &Value) -> Result<(), String> {
     writeln!(f, "{row}").map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// Every row of a `.jsonl` file (blank lines skipped); a malformed line is an error naming it.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Value>, String> {
+    let text =
+        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| format!("{}:{}: not a JSON row: {e}", path.display(), i + 1))
+        })
+        .collect()
+}
+
 /// A run's `metrics.jsonl`.
 pub(super) struct Metrics {
     pub path: PathBuf,

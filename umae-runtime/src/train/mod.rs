@@ -18,7 +18,8 @@ use umae_api::recipe::Recipe;
 use umae_api::Device;
 
 pub use evaluate::{finetune_eval, offline_eval};
-pub use metrics::append_jsonl;
+pub(crate) use faults::interrupt_flag;
+pub use metrics::{append_jsonl, read_jsonl};
 pub use resume::{initial_state, save_checkpoint};
 pub use rundir::start_run_from;
 
@@ -78,6 +79,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> crate::Result<Summary> {
     )?;
     let mut exec = trainer.executor()?;
     trainer.announce();
+    if state.epoch == trainer.plan.epochs {
+        // Resumed after the last epoch's checkpoint: the run may have been stopped during its
+        // final evaluation, which is then done now.
+        trainer.missing_final_evaluation(&state)?;
+    }
     for epoch in state.epoch..trainer.plan.epochs {
         if let Some(checkpoint) = trainer.epoch(exec.as_mut(), epoch, &mut state)? {
             trainer.summary.interrupted = Some(checkpoint);
@@ -519,6 +525,24 @@ impl<'a> Trainer<'a> {
         }
         if let Some(rss) = crate::bench::rss_mib() {
             row.insert("rss_mib".into(), json!(rss.round()));
+        }
+        Ok(())
+    }
+
+    /// Run the final offline evaluation if the recipe asks for one and `metrics.jsonl` has no
+    /// evaluation row of the last epoch.
+    fn missing_final_evaluation(&mut self, state: &State) -> crate::Result<()> {
+        let ev = &self.recipe.eval;
+        if ev.linear.is_none() && ev.knn.is_none() && ev.finetune.is_none() {
+            return Ok(());
+        }
+        let rows = read_jsonl(&self.metrics.path).unwrap_or_default();
+        let done = rows
+            .iter()
+            .any(|r| r["kind"] == "eval" && r["epoch"].as_u64() == Some(state.epoch as u64));
+        if !done {
+            tracing::info!("the final evaluation is missing: running it now");
+            self.offline_evaluations(state, true)?;
         }
         Ok(())
     }
