@@ -34,6 +34,7 @@ fn train(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "data.format=ImageFolder",
         &data_root,
         "data.image_size=16",
+        "encoder.params.patch=4",
         "data.num_classes=2",
         "train.batch_size=8",
         "train.epochs=1",

@@ -19,27 +19,32 @@ fn grey_png(seed: usize) -> Vec<u8> {
     png
 }
 
+/// A tar file at `path` with these (name, contents) members, in order.
+fn write_tar(path: &Path, members: impl IntoIterator<Item = (String, Vec<u8>)>) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    b.finish().unwrap();
+}
+
 /// `count` samples per shard, `shards` shards, in `dir`: `KEY.png` (+ `KEY.cls`).
 fn write_shards(dir: &Path, shards: usize, count: usize, labels: bool) {
     std::fs::create_dir_all(dir).unwrap();
     for s in 0..shards {
-        let mut b =
-            tar::Builder::new(std::fs::File::create(dir.join(format!("{s:05}.tar"))).unwrap());
-        let mut add = |name: String, data: &[u8]| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, data).unwrap();
-        };
-        for k in 0..count {
+        let members = (0..count).flat_map(|k| {
             let i = s * count + k;
-            add(format!("{i:08}.png"), &grey_png(i));
+            let mut m = vec![(format!("{i:08}.png"), grey_png(i))];
             if labels {
-                add(format!("{i:08}.cls"), (i % 2).to_string().as_bytes());
+                m.push((format!("{i:08}.cls"), (i % 2).to_string().into_bytes()));
             }
-        }
-        b.finish().unwrap();
+            m
+        });
+        write_tar(&dir.join(format!("{s:05}.tar")), members);
     }
 }
 
@@ -56,6 +61,7 @@ fn args(format: &str, root: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
         format!("data.format={format}"),
         format!("data.root=\"{}\"", root.display()),
         "data.image_size=16".into(),
+        "encoder.params.patch=4".into(),
         "data.num_classes=2".into(),
         "data.train_limit=None".into(),
         "data.eval_limit=None".into(),
@@ -164,21 +170,17 @@ fn shards_train_with_labels_and_bad_members_follow_bad_images() {
     // A member that is not an image: named with its shard, or skipped and counted.
     let broken = tmp.path().join("broken");
     std::fs::create_dir_all(&broken).unwrap();
-    let mut b = tar::Builder::new(std::fs::File::create(broken.join("00000.tar")).unwrap());
-    for i in 0..16 {
-        let data = if i == 5 {
-            b"garbage, not a png".to_vec()
-        } else {
-            grey_png(i)
-        };
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, format!("{i:08}.png"), &data[..])
-            .unwrap();
-    }
-    b.finish().unwrap();
+    write_tar(
+        &broken.join("00000.tar"),
+        (0..16).map(|i| {
+            let data = if i == 5 {
+                b"garbage, not a png".to_vec()
+            } else {
+                grey_png(i)
+            };
+            (format!("{i:08}.png"), data)
+        }),
+    );
     let o = umae_run(&args(
         "Shards",
         &broken,

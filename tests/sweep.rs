@@ -308,3 +308,33 @@ fn a_zero_uniformity_weight_trains_exactly_mae() {
     assert!(mae == zero, "weight 0 differs from MAE");
     assert!(mae != some, "the uniformity term changed nothing");
 }
+
+/// The cells run the sweep's own binary even when the file it was started from is replaced or
+/// removed meanwhile (as `cargo build` does to target/release/umae).
+#[test]
+fn cells_keep_running_the_sweeps_binary_when_the_file_is_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = tmp.path().join("umae");
+    std::fs::copy(env!("CARGO_BIN_EXE_umae"), &exe).unwrap();
+    let out = tmp.path().join("sw");
+    let mut args = sweep_args(&out, &["train.epochs=40,2"], 1, 1, 40);
+    args.extend(["--set".into(), "data.synthetic_size=256".into()]);
+    let mut child = std::process::Command::new(&exe)
+        .args(&args)
+        .current_dir(repo())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = out.join("00-train.epochs=40-seed0/checkpoints/epoch-0001/model.safetensors");
+    let t0 = Instant::now();
+    while !first.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint");
+        assert!(child.try_wait().unwrap().is_none(), "the sweep ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_file(&exe).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("01-train.epochs=2-seed0/done").exists());
+}

@@ -552,8 +552,16 @@ fn sweep(
         .iter()
         .map(|g| Axis::parse(g).map_err(Error::command_line))
         .collect::<Result<Vec<_>, _>>()?;
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::Failed(format!("cannot find the umae binary to run the cells: {e}")))?;
+    // The cells run this very binary: on Linux through /proc/self/exe, which stays this
+    // process's executable even if `cargo build` replaces target/release/umae meanwhile.
+    let proc_exe = Path::new("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe.to_path_buf()
+    } else {
+        std::env::current_exe().map_err(|e| {
+            Error::Failed(format!("cannot find the umae binary to run the cells: {e}"))
+        })?
+    };
     let report = sweep::run(&SweepOptions {
         exe,
         plugins: plugins.to_vec(),

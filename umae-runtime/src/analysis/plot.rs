@@ -91,6 +91,27 @@ fn bounds(series: &[Series], log_y: bool) -> Option<(f64, f64, f64, f64)> {
     Some((x0, x1, y0 - pad, y1 + pad))
 }
 
+/// The legend of a chart's labelled series, on a translucent white box.
+fn legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+    font: u32,
+) -> Result<(), String>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", font))
+        .draw()
+        .map_err(|e| format!("{e:?}"))
+}
+
 fn draw_lines<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
@@ -146,13 +167,7 @@ where
                 }
             }
             if series.len() > 1 || !series.first().is_some_and(|s| s.0.is_empty()) {
-                chart
-                    .configure_series_labels()
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK.mix(0.3))
-                    .label_font(("sans-serif", 14))
-                    .draw()
-                    .map_err(e)?;
+                legend(&mut chart, SeriesLabelPosition::MiddleRight, 14)?;
             }
         }};
     }
@@ -289,13 +304,7 @@ pub fn error_bar_panels(
                 .map_err(e)?;
         }
         if series.len() > 1 || series.first().is_some_and(|s| !s.0.is_empty()) {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
-                .label_font(("sans-serif", 14))
-                .draw()
-                .map_err(e)?;
+            legend(&mut chart, SeriesLabelPosition::MiddleRight, 14)?;
         }
     }
     root.present().map_err(err(path))
@@ -353,14 +362,7 @@ pub fn scatter_panels(
                 .label(name)
                 .legend(move |(x, y)| Circle::new((x + 6, y), 4, color.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 12))
-            .draw()
-            .map_err(e)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight, 12)?;
     }
     root.present().map_err(err(path))
 }

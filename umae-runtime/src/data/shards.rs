@@ -98,18 +98,25 @@ impl Shards {
             |e: &dyn std::fmt::Display| format!("{}: not a readable tar file: {e}", path.display());
         let file_len = file.metadata().map_err(|e| bad(&e))?.len();
         let mut archive = tar::Archive::new(file);
-        // The members of the sample being read (a sample's members are adjacent in a shard).
-        let mut pending: Option<Member> = None;
-        let flush = |p: Option<Member>, samples: &mut Vec<Member>| -> Result<(), String> {
+        // The sample being read (a sample's members are adjacent in a shard): its key, its image
+        // member's (offset, size) once seen, its label.
+        type Pending = (String, Option<(u64, u64)>, Option<usize>);
+        let mut pending: Option<Pending> = None;
+        let flush = |p: Option<Pending>, samples: &mut Vec<Member>| -> Result<(), String> {
             match p {
-                Some(m) if m.size != u64::MAX => {
-                    samples.push(m);
+                Some((key, Some((offset, size)), label)) => {
+                    samples.push(Member {
+                        shard,
+                        key,
+                        offset,
+                        size,
+                        label,
+                    });
                     Ok(())
                 }
-                Some(m) if m.label.is_some() => Err(format!(
-                    "{}: sample `{}` has a .cls label but no .jpg/.jpeg/.png image",
+                Some((key, None, Some(_))) => Err(format!(
+                    "{}: sample `{key}` has a .cls label but no .jpg/.jpeg/.png image",
                     path.display(),
-                    m.key
                 )),
                 _ => Ok(()),
             }
@@ -126,16 +133,9 @@ impl Shards {
                 .into_owned();
             let (key, ext) = sample_key(&name);
             let (key, ext) = (key.to_string(), ext.to_ascii_lowercase());
-            if pending.as_ref().is_none_or(|p| p.key != key) {
+            if pending.as_ref().is_none_or(|p| p.0 != key) {
                 flush(pending.take(), &mut self.samples)?;
-                // `size == u64::MAX` until the image member is seen.
-                pending = Some(Member {
-                    shard,
-                    key,
-                    offset: 0,
-                    size: u64::MAX,
-                    label: None,
-                });
+                pending = Some((key, None, None));
             }
             let p = pending.as_mut().expect("set above");
             match ext.as_str() {
@@ -147,7 +147,7 @@ impl Shards {
                             path.display()
                         ));
                     }
-                    (p.offset, p.size) = (offset, size);
+                    p.1 = Some((offset, size));
                 }
                 "cls" => {
                     let mut text = String::new();
@@ -159,7 +159,7 @@ impl Shards {
                             text.chars().take(40).collect::<String>()
                         )
                     })?;
-                    p.label = Some(label);
+                    p.2 = Some(label);
                 }
                 _ => {}
             }

@@ -25,6 +25,16 @@ pub struct Accuracy {
     pub top5: f64,
 }
 
+impl Accuracy {
+    /// From counts of top-1 and top-5 hits among `n` images.
+    fn of_hits((top1, top5): (usize, usize), n: usize) -> Accuracy {
+        Accuracy {
+            top1: top1 as f64 / n as f64,
+            top5: top5 as f64 / n as f64,
+        }
+    }
+}
+
 /// Result of a linear probe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinearResult {
@@ -195,12 +205,7 @@ pub fn linear_probe(
     let xt = to_device(test, device);
     let xn = (xt - run_mean.reshape([1, d])) / (run_var.reshape([1, d]) + 1e-6).sqrt();
     let logits = xn.matmul(w) + b.reshape([1, classes]);
-    let scores: Vec<f32> = logits
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| format!("{e:?}"))?;
-    let (t1, t5) = accuracy(&scores, &test.labels, classes);
+    let hits = accuracy(&host(logits)?, &test.labels, classes);
     let final_loss = last_loss.into_scalar() as f64;
     if !final_loss.is_finite() {
         return Err(format!(
@@ -208,10 +213,7 @@ pub fn linear_probe(
         ));
     }
     Ok(LinearResult {
-        test: Accuracy {
-            top1: t1 as f64 / test.n as f64,
-            top5: t5 as f64 / test.n as f64,
-        },
+        test: Accuracy::of_hits(hits, test.n),
         train_top1,
         final_loss,
         epochs: spec.epochs,
@@ -365,7 +367,7 @@ fn lbfgs_probe(
         Ok(accuracy(&logits, &f.labels, c))
     };
     let (train_hits, _) = top1(train, z)?;
-    let (t1, t5) = top1(test, standardized(test, &mean, &std, device))?;
+    let hits = top1(test, standardized(test, &mean, &std, device))?;
     tracing::debug!(
         "L-BFGS probe: {} iterations, {} evaluations, stopped on {:?}",
         m.iterations,
@@ -373,10 +375,7 @@ fn lbfgs_probe(
         m.stop
     );
     Ok(LinearResult {
-        test: Accuracy {
-            top1: t1 as f64 / test.n as f64,
-            top5: t5 as f64 / test.n as f64,
-        },
+        test: Accuracy::of_hits(hits, test.n),
         train_top1: train_hits as f64 / n as f64,
         final_loss: m.value,
         epochs: 0,
@@ -440,10 +439,7 @@ pub fn knn(
         progress::tick(&bar, m as u64);
     }
     progress::finish(bar);
-    Ok(Accuracy {
-        top1: t1 as f64 / test.n as f64,
-        top5: t5 as f64 / test.n as f64,
-    })
+    Ok(Accuracy::of_hits((t1, t5), test.n))
 }
 
 #[cfg(test)]
