@@ -63,7 +63,7 @@ fn checks_recipes_and_refuses_bad_parameters() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
-        text(&o).contains("side 9 does not fit the 7x7 patch grid"),
+        text(&o).contains("side 9 does not fit the 4x4 patch grid"),
         "{}",
         text(&o)
     );
