@@ -11,6 +11,8 @@ fn main() {
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
     let std_dir = format!("{sysroot}/lib/rustlib/{target}/lib");
-    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:$ORIGIN/deps:$ORIGIN/..:{std_dir}");
+    println!(
+        "cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:$ORIGIN/deps:$ORIGIN/..:$ORIGIN/../lib:{std_dir}"
+    );
     println!("cargo:rerun-if-env-changed=RUSTC");
 }

@@ -8,6 +8,18 @@ fn main() {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "rustc unknown".into());
     println!("cargo:rustc-env=UMAE_RUSTC={version}");
+    // The optional backends compiled in: a plugin must be built with the same ones.
+    let backends: Vec<&str> = [("cuda", "CARGO_FEATURE_CUDA"), ("tch", "CARGO_FEATURE_TCH")]
+        .into_iter()
+        .filter(|(_, var)| std::env::var_os(var).is_some())
+        .map(|(name, _)| name)
+        .collect();
+    let backends = if backends.is_empty() {
+        "flex".to_string()
+    } else {
+        format!("flex+{}", backends.join("+"))
+    };
+    println!("cargo:rustc-env=UMAE_BACKENDS={backends}");
     println!("cargo:rerun-if-env-changed=RUSTC");
     println!("cargo:rerun-if-changed=build.rs");
 

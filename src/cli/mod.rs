@@ -80,7 +80,7 @@ enum Command {
         /// masker, encoder, decoder, target or regularizer.
         #[arg(long)]
         kind: String,
-        /// Folder to create (default: ./NAME).
+        /// Folder to create (default: plugins/NAME in umae's sources, a member of its workspace).
         #[arg(short, long)]
         output: Option<PathBuf>,
     },

@@ -67,7 +67,8 @@ pub fn files(
         .to_string();
     let lib = format!(
         "//! The `{name}` {kind} plugin for umae.\n//!\n\
-         //!     cargo build --release\n\
+         //! Built in umae's workspace (this crate in its plugins/ folder), from its root:\n//!\n\
+         //!     cargo build --release -p {name}\n\
          //!     umae --plugin target/release/lib{lib}.so plugins --kind {kind}\n\n\
          umae_sdk::declare_plugin!();\n\n{body}",
         lib = name.replace('-', "_"),
@@ -82,17 +83,51 @@ pub fn files(
     ])
 }
 
+/// Where `umae new-plugin` writes a crate, and whether it lands in umae's workspace.
+enum Place {
+    /// `SRC/plugins/NAME`: a member of umae's workspace (`plugins/*`).
+    Member { src: PathBuf },
+    /// Anywhere else, or umae's sources are not known.
+    Outside { src: Option<PathBuf> },
+}
+
+fn place(dir: &Path, src: Option<&Path>) -> Place {
+    let Some(src) = src else {
+        return Place::Outside { src: None };
+    };
+    let src = src.canonicalize().unwrap_or_else(|_| src.to_path_buf());
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent
+        .unwrap_or(Path::new("."))
+        .canonicalize()
+        .unwrap_or_default();
+    if parent == src.join("plugins") {
+        Place::Member { src }
+    } else {
+        Place::Outside { src: Some(src) }
+    }
+}
+
 pub fn new_plugin(name: &str, kind: &str, output: Option<PathBuf>) -> Result<(), Error> {
-    let dir = output.unwrap_or_else(|| PathBuf::from(name));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let umae_src = src.join("umae-sdk").is_dir().then_some(src);
+    let dir = output.unwrap_or_else(|| match umae_src {
+        Some(src) => src.join("plugins").join(name),
+        None => PathBuf::from(name),
+    });
     if dir.exists() {
         return Err(Error::command_line(format!(
             "{} already exists: choose another --output",
             dir.display()
         )));
     }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let umae_src = src.join("umae-sdk").is_dir().then_some(src);
-    let files = files(name, kind, umae_src).map_err(Error::command_line)?;
+    let mut files = files(name, kind, umae_src).map_err(Error::command_line)?;
+    let lib = name.replace('-', "_");
+    let place = place(&dir, umae_src);
+    if let Place::Member { .. } = place {
+        // The workspace's own .cargo/config.toml applies.
+        files.retain(|(rel, _)| rel != ".cargo/config.toml");
+    }
     for (rel, text) in &files {
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
@@ -103,12 +138,34 @@ pub fn new_plugin(name: &str, kind: &str, output: Option<PathBuf>) -> Result<(),
             .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
     println!(
-        "wrote the {kind} plugin `{name}` in {}:\n  {}\nnext: cd {} && cargo test && cargo build --release\nthen: umae --plugin {}/target/release/lib{}.so plugins --kind {kind}",
+        "wrote the {kind} plugin `{name}` in {}:\n  {}",
         dir.display(),
-        files.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>().join("\n  "),
-        dir.display(),
-        dir.display(),
-        name.replace('-', "_")
+        files
+            .iter()
+            .map(|(f, _)| f.as_str())
+            .collect::<Vec<_>>()
+            .join("\n  "),
     );
+    match place {
+        Place::Member { src } => println!(
+            "it is a member of umae's workspace (plugins/*); from {src}:\n  \
+             cargo test --release -p {name}\n  \
+             cargo build --release -p {name}\n  \
+             umae --plugin target/release/lib{lib}.so plugins --kind {kind}",
+            src = src.display()
+        ),
+        Place::Outside { src } => {
+            let there = src
+                .map(|s| format!(" (move it to {}/plugins/{name})", s.display()))
+                .unwrap_or_default();
+            eprintln!(
+                "warning: {} is outside umae's workspace{there}. A plugin must be built in the \
+                 workspace umae was built in: built on its own, this crate compiles its own \
+                 umae-sdk and burn (a long build), with symbols that umae refuses to load \
+                 (see docs/plugins.md)",
+                dir.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -71,8 +71,20 @@ pub fn load(path: &Path) -> Result<Added, String> {
         .collect();
     // SAFETY: the file carries the ABI record of this very build of umae-sdk, so it links the
     // same shared umae-api and burn; its initialisers only add registry entries.
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| format!("cannot load plugin {shown}: {e}"))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        let e = e.to_string();
+        if e.contains("undefined symbol") {
+            format!(
+                "plugin {shown} was built against another build of umae-sdk than this umae's ({e}). \
+                 Rust symbols carry a hash of how their crate was compiled, so a plugin must be built \
+                 in umae's workspace (under plugins/) by the same toolchain, with the same features as \
+                 umae: `cargo build --release -p NAME`, adding `--features umae-sdk/cuda` (or \
+                 umae-sdk/tch) for a CUDA (libtorch) build of umae; see docs/plugins.md"
+            )
+        } else {
+            format!("cannot load plugin {shown}: {e}")
+        }
+    })?;
     // Never unloaded: registry entries point into the library.
     std::mem::forget(lib);
     loaded.push(canonical);

@@ -13,11 +13,14 @@
 
 pub use umae_api;
 
-/// What a plugin must have been built against: this umae-api, this burn and this rustc.
+/// What a plugin must have been built against: this umae-api, this burn with these backends
+/// (the features of this crate) and this rustc.
 pub const ABI: &str = concat!(
     "umae-api ",
     env!("CARGO_PKG_VERSION"),
-    "; burn 0.21.0; ",
+    "; burn 0.21.0 (",
+    env!("UMAE_BACKENDS"),
+    "); ",
     env!("UMAE_RUSTC")
 );
 
@@ -76,7 +79,11 @@ mod tests {
         file.extend_from_slice(&[9u8; 50]);
         assert_eq!(read_abi(&file).as_deref(), Some(ABI));
         assert!(
-            ABI.starts_with("umae-api 0.1.0; burn 0.21.0; rustc "),
+            ABI.starts_with(if cfg!(any(feature = "cuda", feature = "tch")) {
+                "umae-api 0.1.0; burn 0.21.0 (flex+"
+            } else {
+                "umae-api 0.1.0; burn 0.21.0 (flex); rustc "
+            }),
             "{ABI}"
         );
         assert_eq!(read_abi(&[1, 2, 3]), None);
