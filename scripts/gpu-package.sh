@@ -6,9 +6,9 @@
 #   scripts/gpu-package.sh [ARCHIVE]        # default: target/gpu/umae-cuda.tar.xz
 #   scripts/gpu-check.sh ARCHIVE OUT        # on the GPU machine (see that script)
 #
-# The archive holds one folder, umae-cuda/: the stripped `umae` binary, libumae_sdk.so, the Rust
-# standard library it links dynamically, and BUILD.txt (commit, toolchain, features). The binary
-# finds its libraries beside itself (rpath $ORIGIN). Everything else gpu-check.sh needs (recipes,
+# The archive holds one folder, umae-cuda/: the stripped `umae` launcher, the program
+# libumae.so, libumae_sdk.so, the Rust standard library they link dynamically, and BUILD.txt
+# (commit, toolchain, features). The launcher finds them beside itself (rpath $ORIGIN). Everything else gpu-check.sh needs (recipes,
 # the PyTorch reference step) is in the repository.
 #
 # Exit status: 0 with the archive written and its size printed; 1 if the build fails, the
@@ -30,19 +30,21 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 pkg="$stage/umae-cuda"
 mkdir -p "$pkg"
-cp target/release/umae target/release/libumae_sdk.so "$pkg/"
+cp target/release/umae target/release/libumae.so target/release/libumae_sdk.so "$pkg/"
 
-# The Rust standard library (the binary and the SDK link it dynamically, see .cargo/config.toml).
+# The Rust standard library (the launcher, the program and the SDK link it dynamically, see
+# .cargo/config.toml).
 sysroot_lib="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/lib"
-for lib in $(ldd "$pkg/umae" "$pkg/libumae_sdk.so" | awk '/=>/ { print $1 }' | sort -u); do
+for lib in $(ldd "$pkg/umae" "$pkg/libumae.so" "$pkg/libumae_sdk.so" | awk '/=>/ { print $1 }' | sort -u); do
     case "$lib" in
         libstd-*.so) cp "$sysroot_lib/$lib" "$pkg/" ;;
     esac
 done
 strip --strip-unneeded "$pkg"/umae "$pkg"/*.so
 
-# Whatever the packed binary still loads from outside its folder must be the C library's own.
-missing=$(env -u LD_LIBRARY_PATH ldd "$pkg/umae" | awk -v pkg="$pkg" '
+# Whatever the packed files still load from outside their folder must be the C library's own
+# (ldd of the program lists the SDK's dependencies too).
+missing=$(env -u LD_LIBRARY_PATH ldd "$pkg/umae" "$pkg/libumae.so" | awk -v pkg="$pkg" '
     /not found/ { print $1; next }
     /=>/ && index($3, pkg) != 1 && $1 !~ /^(libc|libm|libgcc_s|libpthread|libdl|librt|ld-linux.*)\.so/ { print $1 " (" $3 ")" }')
 if [ -n "$missing" ]; then

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install umae under PREFIX (default ~/.local): PREFIX/bin/umae, beside it in PREFIX/lib the
-# libumae_sdk.so it was built with and Rust's shared standard library (found through the
-# binary's $ORIGIN/../lib rpath, so no LD_LIBRARY_PATH), and the recipes in
-# PREFIX/share/umae/recipes. Later builds in target/ do not touch the installed copy.
+# Install umae under PREFIX (default ~/.local): the launcher PREFIX/bin/umae; in PREFIX/lib the
+# program libumae.so and the libumae_sdk.so it was built with (the launcher loads them from
+# ../lib) and Rust's shared standard library (found through the launcher's $ORIGIN/../lib
+# rpath, so no LD_LIBRARY_PATH); the recipes in PREFIX/share/umae/recipes. Later builds in
+# target/ do not touch the installed copy.
 #
 #     scripts/install.sh /opt/umae
 #     /opt/umae/bin/umae run /opt/umae/share/umae/recipes/u-mae-fmnist.ron
@@ -27,6 +28,7 @@ put() {
     mv -f "$2.new.$$" "$2"
 }
 put target/release/libumae_sdk.so "$prefix/lib/libumae_sdk.so"
+put target/release/libumae.so "$prefix/lib/libumae.so"
 put "$std" "$prefix/lib/$(basename "$std")"
 put target/release/umae "$prefix/bin/umae"
 rm -rf "$prefix/share/umae/recipes.new.$$"
@@ -34,4 +36,4 @@ cp -r recipes "$prefix/share/umae/recipes.new.$$"
 rm -rf "$prefix/share/umae/recipes"
 mv "$prefix/share/umae/recipes.new.$$" "$prefix/share/umae/recipes"
 "$prefix/bin/umae" --version
-echo "installed umae in $prefix (bin/umae, lib/libumae_sdk.so, share/umae/recipes)"
+echo "installed umae in $prefix (bin/umae, lib/libumae.so, lib/libumae_sdk.so, share/umae/recipes)"

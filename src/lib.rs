@@ -1,7 +1,18 @@
 //! The `umae` command line, also usable as a library: a binary that links extra plugin crates
 //! and calls [`cli::main`] is umae plus those plugins.
+//!
+//! Built as a shared library, `libumae.so`: the `umae` executable (src/main.rs) is a launcher
+//! that loads it, after checking that the `libumae_sdk.so` beside it is the one it was built
+//! with, and calls [`umae_main`].
 
 pub mod cli;
+
+/// The program's entry point for the launcher: runs [`cli::run`] and returns its exit code; a
+/// panic (a bug) has already printed its message and returns 101, as a Rust `main` would.
+#[no_mangle]
+pub extern "C" fn umae_main() -> std::ffi::c_int {
+    std::panic::catch_unwind(cli::run).map_or(101, std::ffi::c_int::from)
+}
 
 /// Keep the built-in plugin crates linked, so that their registrations are present.
 pub fn builtin_plugins() -> [&'static str; 9] {

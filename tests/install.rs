@@ -1,6 +1,6 @@
-//! `scripts/install.sh PREFIX`: the installed binary runs on its own copy of the SDK (found
-//! through its `$ORIGIN/../lib` rpath), runs the installed recipes, and loads a plugin from
-//! the build tree.
+//! `scripts/install.sh PREFIX`: the installed launcher runs its own copies of the program and
+//! the SDK (in `PREFIX/lib`), runs the installed recipes, and loads a plugin from the build
+//! tree.
 
 mod common;
 use common::*;
@@ -25,6 +25,7 @@ fn the_installed_umae_runs_recipes_and_loads_plugins() {
     assert!(o.status.success(), "{}", text(&o));
     for f in [
         "bin/umae",
+        "lib/libumae.so",
         "lib/libumae_sdk.so",
         "share/umae/recipes/u-mae-fmnist.ron",
     ] {
@@ -54,13 +55,15 @@ fn the_installed_umae_runs_recipes_and_loads_plugins() {
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("stripes"), "the example plugin's masker: {t}");
-    let sdk = prefix.join("bin/../lib/libumae_sdk.so");
-    assert!(
-        t.contains(&format!("init: {}", sdk.display())),
-        "the SDK loaded from {}: {}",
-        sdk.display(),
-        &t[..t.len().min(4000)]
-    );
+    for lib in ["libumae_sdk.so", "libumae.so"] {
+        let path = prefix.join("bin/../lib").join(lib);
+        assert!(
+            t.contains(&format!("init: {}", path.display())),
+            "{lib} loaded from {}: {}",
+            path.display(),
+            &t[..t.len().min(4000)]
+        );
+    }
 
     let out = tmp.path().join("run");
     let o = Command::new(&umae)

@@ -314,8 +314,12 @@ fn a_zero_uniformity_weight_trains_exactly_mae() {
 #[test]
 fn cells_keep_running_the_sweeps_binary_when_the_file_is_replaced() {
     let tmp = tempfile::tempdir().unwrap();
+    // The launcher with the program and the SDK it loads from beside itself.
+    let release = Path::new(env!("CARGO_BIN_EXE_umae")).parent().unwrap();
+    for f in ["umae", "libumae.so", "libumae_sdk.so"] {
+        std::fs::copy(release.join(f), tmp.path().join(f)).unwrap();
+    }
     let exe = tmp.path().join("umae");
-    std::fs::copy(env!("CARGO_BIN_EXE_umae"), &exe).unwrap();
     let out = tmp.path().join("sw");
     let mut args = sweep_args(&out, &["train.epochs=40,2"], 1, 1, 40);
     args.extend(["--set".into(), "data.synthetic_size=256".into()]);

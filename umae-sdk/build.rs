@@ -19,7 +19,15 @@ fn main() {
     } else {
         format!("flex+{}", backends.join("+"))
     };
-    println!("cargo:rustc-env=UMAE_BACKENDS={backends}");
+    // The build identity: what a plugin and the `umae` launcher must have been built against.
+    // `links = "umae_sdk"` hands it to the build scripts of the crates that depend on this one
+    // (as DEP_UMAE_SDK_ABI).
+    let abi = format!(
+        "umae-api {}; burn 0.21.0 ({backends}); {version}",
+        std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION")
+    );
+    println!("cargo:rustc-env=UMAE_ABI={abi}");
+    println!("cargo:abi={abi}");
     println!("cargo:rerun-if-env-changed=RUSTC");
     println!("cargo:rerun-if-changed=build.rs");
 

@@ -247,6 +247,11 @@ enum Command {
 
 /// Run the command line; returns the process exit code (0 ok, 1 failure, 2 bad input).
 pub fn main() -> ExitCode {
+    ExitCode::from(run())
+}
+
+/// [`main`]'s exit code as a number (0 ok, 1 failure, 2 bad input, 130 interrupted).
+pub fn run() -> u8 {
     // Before any thread starts: freed buffers stay in the heap for the next training step.
     umae_runtime::memory::keep_freed_memory();
     crate::builtin_plugins();
@@ -273,15 +278,15 @@ pub fn main() -> ExitCode {
 
 /// The one place where errors become exit codes: 2 for bad input, 1 for a failure while
 /// working, 130 for an interrupt (README.md, "Exit codes").
-fn exit(result: Result<(), Error>) -> ExitCode {
+fn exit(result: Result<(), Error>) -> u8 {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             match &e {
                 Error::Interrupted(m) => eprintln!("{m}"),
                 other => eprintln!("error: {other}"),
             }
-            ExitCode::from(e.exit_code())
+            e.exit_code()
         }
     }
 }

@@ -75,3 +75,58 @@ pub fn outcome(dir: &Path, name: &str) -> (Vec<u8>, Vec<String>) {
         .collect();
     (weights, rows)
 }
+
+/// The names of the symbols an ELF64 little-endian shared library needs from others (the
+/// undefined entries of its dynamic symbol table).
+pub fn undefined_dynamic_symbols(elf: &[u8]) -> Vec<Vec<u8>> {
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+    assert_eq!(&elf[..6], b"\x7fELF\x02\x01", "an ELF64 little-endian file");
+    let (shoff, shentsize, shnum) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c));
+    let section = |i: usize| shoff + i * shentsize;
+    let dynsym = (0..shnum)
+        .map(section)
+        .find(|&h| u32_at(h + 4) == 11) // SHT_DYNSYM
+        .expect("a dynamic symbol table");
+    let strtab = u64_at(section(u32_at(dynsym + 40)) + 24); // sh_link's sh_offset
+    let (off, size) = (u64_at(dynsym + 24), u64_at(dynsym + 32));
+    (off..off + size)
+        .step_by(24)
+        .filter(|&sym| u16_at(sym + 6) == 0 && u32_at(sym) != 0) // SHN_UNDEF, named
+        .map(|sym| {
+            let name = &elf[strtab + u32_at(sym)..];
+            name[..name.iter().position(|&b| b == 0).unwrap()].to_vec()
+        })
+        .collect()
+}
+
+/// Makes an ELF shared library need a symbol that no other library has, as if it had been
+/// built against another build of the library that defines it: one hash digit of the first
+/// symbol it needs whose name starts with `prefix` is changed, everywhere the file holds that
+/// name. Returns the new name.
+pub fn rename_needed_symbol(bytes: &mut [u8], prefix: &[u8]) -> String {
+    let name = undefined_dynamic_symbols(bytes)
+        .into_iter()
+        .find(|s| s.starts_with(prefix) && s.ends_with(b"E"))
+        .expect("the library needs a symbol with that prefix");
+    let h = name.len() - 17; // ..17h<16 hex digits>E
+    assert_eq!(
+        &name[h - 3..h],
+        b"17h",
+        "{}",
+        String::from_utf8_lossy(&name)
+    );
+    let mut other_name = name.clone();
+    other_name[h + 1] = if name[h + 1] == b'0' { b'1' } else { b'0' };
+    let mut edited = 0;
+    let mut i = 0;
+    while let Some(at) = bytes[i..].windows(name.len()).position(|w| w == name) {
+        let at = i + at;
+        bytes[at..at + name.len()].copy_from_slice(&other_name);
+        edited += 1;
+        i = at + name.len();
+    }
+    assert!(edited >= 1);
+    String::from_utf8(other_name).unwrap()
+}

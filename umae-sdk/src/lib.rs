@@ -15,14 +15,14 @@ pub use umae_api;
 
 /// What a plugin must have been built against: this umae-api, this burn with these backends
 /// (the features of this crate) and this rustc.
-pub const ABI: &str = concat!(
-    "umae-api ",
-    env!("CARGO_PKG_VERSION"),
-    "; burn 0.21.0 (",
-    env!("UMAE_BACKENDS"),
-    "); ",
-    env!("UMAE_RUSTC")
-);
+pub const ABI: &str = env!("UMAE_ABI");
+
+/// [`ABI`] under a C name, for the `umae` launcher: it loads this library alone and checks the
+/// build identity before it loads the program that links it (src/main.rs).
+#[no_mangle]
+pub extern "C" fn umae_sdk_abi() -> *const std::ffi::c_char {
+    concat!(env!("UMAE_ABI"), "\0").as_ptr().cast()
+}
 
 /// Bytes that start a plugin's ABI record inside its shared library file.
 pub const MARKER: &[u8] = b"\0UMAE-PLUGIN-ABI\0";
